@@ -1,0 +1,100 @@
+"""The contract between a caller (CLI, HTTP service) and the pipeline: what one request asks for, and
+what comes back. Plain dataclasses; no torch-specific types except the image tensors in results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """Sampling settings used when a request leaves them out. The official inference settings are the
+    defaults; a model may declare its own (the built-in demo model does)."""
+
+    width: int = 1024
+    height: int = 1024
+    prior_steps: int = 20
+    prior_guidance_scale: float = 4.0
+    prior_shift: float = 2.0
+    decoder_steps: int = 10
+    decoder_guidance_scale: float = 1.1
+    decoder_shift: float = 1.0
+    cfg_rho: float = 0.7
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """One request: ``num_images`` images of one prompt. Image ``i`` uses seed ``seed + i``."""
+
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 1024
+    height: int = 1024
+    num_images: int = 1
+    seed: int = 0
+    prior_steps: int = 20
+    prior_guidance_scale: float = 4.0
+    prior_shift: float = 2.0
+    decoder_steps: int = 10
+    decoder_guidance_scale: float = 1.1
+    decoder_shift: float = 1.0
+    cfg_rho: float = 0.7
+
+    def batch_key(self) -> tuple[int, int, int, int, float, float]:
+        """Requests with equal keys can share one batch: same latent sizes and the same noise grids.
+        Prompts, seeds, guidance scales and image counts may differ inside a batch."""
+        return (
+            self.width,
+            self.height,
+            self.prior_steps,
+            self.decoder_steps,
+            self.prior_shift,
+            self.decoder_shift,
+        )
+
+
+class InvalidParams(ValueError):
+    """A request the pipeline cannot run; ``field`` names the offending parameter."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class NonFiniteOutput(RuntimeError):
+    """The generated images of one request contained NaN or inf (never returned as a black image)."""
+
+
+@dataclass
+class GenerationResult:
+    """The images of one request. ``images`` is uint8 [num_images, 3, height, width] on the CPU."""
+
+    images: torch.Tensor
+    seeds: list[int]
+    prompt_truncated: bool = False
+    negative_prompt_truncated: bool = False
+
+
+@dataclass
+class StageTimings:
+    """Wall seconds spent in each stage for a whole batch (device-synchronised)."""
+
+    text: float = 0.0
+    prior: float = 0.0
+    decoder: float = 0.0
+    vqgan: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.text + self.prior + self.decoder + self.vqgan
+
+
+@dataclass
+class BatchOutput:
+    """One entry per request, in request order: its images, or the error that failed only it."""
+
+    results: list[GenerationResult | NonFiniteOutput]
+    timings: StageTimings = field(default_factory=StageTimings)

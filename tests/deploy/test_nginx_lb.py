@@ -1,0 +1,276 @@
+"""docker/nginx.conf, run by Debian's nginx on loopback in front of real servers (`python -m service`, tiny
+model): load is spread over both replicas; SIGTERM to one mid-run loses no request (each is answered by
+the drain, retried on the other replica, or refused with 503 + Retry-After); the draining replica stops
+getting traffic; and 503 + Retry-After reaches clients both from replicas and from nginx itself."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import math
+import re
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from tests.deploy.nginx_runner import running_nginx
+from tests.deploy.processes import Replica, free_port, start_replica, wait_ready
+from tests.deploy.rendering import NGINX_CONF, render_nginx_conf
+
+CLIENTS = 8  # concurrent clients: enough that each replica always has work in flight
+BEFORE_S = 2.5  # load on both replicas before the SIGTERM
+AFTER_EXIT_S = 2.0  # load after the drained replica has exited (connections now refused)
+# Time for the replica to act on SIGTERM (its event loop may be busy on a loaded 2-core machine):
+# requests that reached it within this window after the signal may still have been admitted.
+SIGNAL_SLACK_S = 0.5
+
+
+def fail_timeout_s() -> float:
+    """fail_timeout of the replica servers in the shipped config (how long a failed replica stays out)."""
+    values = set(
+        re.findall(r"^\s*server\s+\S+.*\bfail_timeout=(\d+)s", NGINX_CONF.read_text(), re.MULTILINE)
+    )
+    assert len(values) == 1, f"expected one fail_timeout for all replicas, found {values}"
+    return float(values.pop())
+
+
+# --- nginx in front of stub upstreams: what exactly reaches the client ------------------------------
+
+
+class _Always503(http.server.BaseHTTPRequestHandler):
+    """An upstream that refuses everything the way a full/draining replica does."""
+
+    hits: list[str]
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.hits.append(self.path)
+        body = json.dumps({"error": {"code": "queue_full", "message": "stub is full"}}).encode()
+        self.send_response(503)
+        self.send_header("Retry-After", "7")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def stub_upstream(hits: list[str]) -> Iterator[str]:
+    handler = type("Handler", (_Always503,), {"hits": hits})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_upstream_503_retry_after_passes_through_and_the_refusing_replica_is_skipped(
+    tmp_path: Path,
+) -> None:
+    first_hits: list[str] = []
+    second_hits: list[str] = []
+    with (
+        stub_upstream(first_hits) as first,
+        stub_upstream(second_hits) as second,
+        running_nginx(tmp_path / "nginx", [first, second]) as nginx,
+    ):
+        r = httpx.post(f"{nginx.url}/v1/generate", json={"prompt": "x"}, timeout=10)
+        # Tried on both replicas (a POST retried on 503), then the last replica's answer as is.
+        assert (len(first_hits), len(second_hits)) == (1, 1), (
+            "expected one retry on the other replica"
+        )
+        assert r.status_code == 503 and r.headers["retry-after"] == "7"
+        assert r.json()["error"]["code"] == "queue_full"
+
+        # The replica whose 503 was retried is out for fail_timeout: later requests skip it. Whatever
+        # answers (the other replica, or nginx once no replica is left), the client gets 503 + Retry-After.
+        for _ in range(3):
+            r = httpx.post(f"{nginx.url}/v1/generate", json={"prompt": "x"}, timeout=10)
+            assert r.status_code == 503 and r.headers["retry-after"].isdigit(), r.text
+            assert r.json()["error"]["code"] in ("queue_full", "unavailable")
+        assert len(first_hits) == 1, "a replica marked failed got traffic within fail_timeout"
+        assert len(second_hits) >= 2
+
+
+def test_all_replicas_down_is_503_with_retry_after(tmp_path: Path) -> None:
+    closed = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+    with running_nginx(tmp_path / "nginx", closed) as nginx:
+        for _ in range(2):
+            r = httpx.post(f"{nginx.url}/v1/generate", json={"prompt": "x"}, timeout=10)
+            assert r.status_code == 503, r.text
+            assert r.headers["retry-after"].isdigit() and r.json()["error"]["code"] == "unavailable"
+        assert httpx.get(f"{nginx.url}/metrics", timeout=5).status_code == 404
+
+
+# --- nginx in front of two real replicas, one of which is stopped mid-run ----------------------------
+
+
+@dataclass(frozen=True)
+class ClientResult:
+    start: float
+    end: float
+    status: int | None  # None: transport error (connection reset, timeout): a lost request
+    retry_after: str | None
+    error: str | None
+
+
+def client_loop(url: str, stop: threading.Event, results: list[ClientResult], worker: int) -> None:
+    with httpx.Client(timeout=30) as client:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            start = time.time()
+            try:
+                r = client.post(
+                    f"{url}/v1/generate",
+                    json={
+                        "prompt": "a red circle on a blue background",
+                        "seed": worker * 10_000 + n,
+                    },
+                )
+                results.append(
+                    ClientResult(
+                        start, time.time(), r.status_code, r.headers.get("retry-after"), None
+                    )
+                )
+            except httpx.HTTPError as exc:
+                results.append(ClientResult(start, time.time(), None, None, repr(exc)))
+
+
+def test_spreads_load_and_a_draining_replica_loses_nothing(
+    tmp_path: Path, replica: Replica
+) -> None:
+    draining, port = start_replica(
+        "replica-drained",
+        tmp_path,
+        # One image per batch: the jobs admitted before SIGTERM finish one after another, so the drain
+        # lasts long enough for nginx to send it new requests (which it must refuse).
+        {"CASCADE_DRAIN_TIMEOUT_S": "20", "CASCADE_MAX_BATCH_IMAGES": "1"},
+    )
+    a, b = f"127.0.0.1:{port}", replica.address
+    results: list[ClientResult] = []
+    stop = threading.Event()
+    try:
+        wait_ready(draining, port)
+        with running_nginx(tmp_path / "nginx", [a, b]) as nginx:
+            threads = [
+                threading.Thread(
+                    target=client_loop, args=(nginx.url, stop, results, i), daemon=True
+                )
+                for i in range(CLIENTS)
+            ]
+            for t in threads:
+                t.start()
+            try:
+                time.sleep(BEFORE_S)
+                t_term = time.time()
+                draining.signal(signal.SIGTERM)
+                exit_code = draining.wait(timeout=30)
+                t_exit = time.time()
+                time.sleep(AFTER_EXIT_S)
+            finally:
+                stop.set()
+                for t in threads:
+                    t.join(40)
+            time.sleep(0.2)  # let nginx write the last log lines
+            log = [e for e in nginx.log() if e.uri == "/v1/generate"]
+            drained_log = draining.log_tail(20_000)
+    finally:
+        stop.set()
+        draining.stop()
+
+    statuses = Counter(r.status for r in results)
+    summary = (
+        f"{len(results)} requests: statuses {dict(statuses)}; SIGTERM at +{t_term - min(r.start for r in results):.1f}s, "
+        f"replica exited {t_exit - t_term:.1f}s later with {exit_code}"
+    )
+    print(summary)
+
+    # The replica drained and exited cleanly within its drain timeout.
+    assert exit_code == 0, f"{summary}\nreplica log:\n{drained_log[-3000:]}"
+
+    # Every request is accounted for: answered 200, or refused with 503 + Retry-After; none lost.
+    lost = [r for r in results if r.status is None]
+    assert not lost, f"{summary}\nlost requests: {lost[:5]}"
+    unexpected = [r for r in results if r.status not in (200, 503)]
+    assert not unexpected, f"{summary}\nunexpected statuses: {unexpected[:5]}"
+    assert all(r.retry_after and r.retry_after.isdigit() for r in results if r.status == 503), (
+        summary
+    )
+    # A 503 is a clear answer, but none is due here: the surviving replica's queue (32) is never full
+    # with 8 clients, so every 503 of the draining replica must have been retried there.
+    assert statuses[503] == 0, f"{summary}: refusals of the draining replica reached clients"
+    assert len(log) == len(results), (
+        f"nginx logged {len(log)} generate requests, clients sent {len(results)}"
+    )
+    assert Counter(e.status for e in log) == statuses
+
+    # Before the SIGTERM, least_conn spread the load over both replicas.
+    before = Counter(e.attempts[-1][0] for e in log if e.end < t_term)
+    total_before = sum(before.values())
+    assert total_before >= 10, f"too little traffic before the SIGTERM: {before}"
+    for addr in (a, b):
+        assert before[addr] >= 0.2 * total_before, (
+            f"load not spread: {dict(before)} of {total_before}"
+        )
+
+    # The drain answered the work it had admitted: responses from the draining replica after SIGTERM.
+    finished_by_drain = [e for e in log if e.attempts[-1] == (a, "200") and e.end > t_term]
+    assert finished_by_drain, (
+        f"{summary}\nno in-flight request was completed by the draining replica"
+    )
+
+    # Requests that arrived after the drain started were never served by the draining replica: each
+    # attempt there was refused (503 while draining, 502 = connection refused once it exited) and retried.
+    late_attempts = [
+        (e, status)
+        for e in log
+        if e.start > t_term + SIGNAL_SLACK_S
+        for addr, status in e.attempts
+        if addr == a
+    ]
+    assert all(status in ("503", "502") for _, status in late_attempts), late_attempts
+    after = [e for e in log if e.start > t_term]
+    window = t_exit + AFTER_EXIT_S - t_term
+    allowed = CLIENTS + math.ceil(window / fail_timeout_s()) + 1
+    assert len(late_attempts) <= allowed, (
+        f"the draining replica kept getting traffic: {len(late_attempts)} attempts among {len(after)} "
+        f"requests after SIGTERM (at most {allowed} expected with fail_timeout={fail_timeout_s():.0f}s)"
+    )
+    tried_after_term = Counter(st for e in after for addr, st in e.attempts if addr == a)
+    print(
+        f"completed by the drain after SIGTERM: {len(finished_by_drain)}; requests after SIGTERM: "
+        f"{len(after)}, attempts at the draining replica: {dict(tried_after_term)} "
+        "(503 = refused while draining, 502 = connection refused after exit; each retried)"
+    )
+    served_late = Counter(
+        e.attempts[-1][0] for e in log if e.start > t_term + SIGNAL_SLACK_S and e.status == 200
+    )
+    assert set(served_late) == {b} and served_late[b] >= 10, (
+        f"requests after SIGTERM served by {served_late}"
+    )
+
+
+def test_the_loopback_copy_differs_from_the_shipped_file_only_in_addresses_ports_paths(
+    tmp_path: Path,
+) -> None:
+    conf = render_nginx_conf(tmp_path, ["127.0.0.1:1", "127.0.0.1:2"], 3)
+    shipped, rendered = NGINX_CONF.read_text().splitlines(), conf.read_text().splitlines()
+    assert len(shipped) == len(rendered)
+    changed = [(old, new) for old, new in zip(shipped, rendered) if old != new]
+    allowed = re.compile(r"\s*(server |listen |pid |access_log |error_log |\w+_temp_path )")
+    assert changed and all(allowed.match(old) for old, _ in changed), changed

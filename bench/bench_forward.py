@@ -1,0 +1,181 @@
+"""One network forward of Stage C lite and Stage B lite: ours vs diffusers' StableCascadeUNet, same weights.
+
+Setting: a 512x512 output image. Stage C lite runs at latent 12x12 with batch 2 (one CFG pair), Stage B lite at
+latent 128x128 with batch 1 (decoder guidance off, as diffusers' default). Random weights, CPU, float32 and
+bfloat16. The bfloat16 rows use bf16 weights under ``torch.autocast("cpu", torch.bfloat16)``, as official
+inference runs.
+
+Memory: the two implementations share one set of weight tensors. Our official-format state dict is turned
+into diffusers names with ``models.convert`` (q/k/v are views of our packed in_proj) and loaded into a
+``meta``-built diffusers model with ``assign=True``, so a 1B model costs its weights once. For bf16, our model
+is cast and the diffusers model re-pointed at the cast tensors. Runs are interleaved (ours, diffusers, ours,
+...) after a warm-up so that load changes on a shared machine hit both sides alike; the median is reported.
+
+Usage: ``python bench/bench_forward.py [--quick] [--repeats N] [--models c,b] [--dtypes fp32,bf16]
+[--out docs/bench_forward.md]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models import convert
+from models.config import StageBConfig, StageCConfig
+from models.stage_b import StageB
+from models.stage_c import StageC
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def build_pair(which: str) -> tuple[nn.Module, nn.Module, Callable, Callable]:
+    """Our model (random init) and a diffusers model sharing its weights, plus a call for each."""
+    from diffusers import StableCascadeUNet
+
+    if which == "c":
+        cfg = StageCConfig.lite()
+        ours = StageC(cfg).eval()
+        dcfg = convert.stage_c_config_to_diffusers(cfg)
+        B, g = 2, torch.Generator().manual_seed(0)
+        x = torch.randn(B, 16, 12, 12, generator=g)
+        r = torch.rand(B, generator=g)
+        txt = torch.randn(B, 77, 1280, generator=g)
+        pooled = torch.randn(B, 1, 1280, generator=g)
+        img = torch.zeros(B, 1, 768)
+
+        def run_ours(m):
+            return m(x, r, txt, pooled, img)
+
+        def run_ref(m):
+            return m(x, r, clip_text_pooled=pooled, clip_text=txt, clip_img=img).sample
+    else:
+        cfg = StageBConfig.lite()
+        ours = StageB(cfg).eval()
+        dcfg = convert.stage_b_config_to_diffusers(cfg)
+        B, g = 1, torch.Generator().manual_seed(0)
+        x = torch.randn(B, 4, 128, 128, generator=g)
+        r = torch.rand(B, generator=g)
+        effnet = torch.randn(B, 16, 12, 12, generator=g)
+        pooled = torch.randn(B, 1, 1280, generator=g)
+
+        def run_ours(m):
+            return m(x, r, effnet, pooled)
+
+        def run_ref(m):
+            return m(x, r, clip_text_pooled=pooled, effnet=effnet).sample
+
+    # Default init leaves GRN gamma/beta at zero; give them values so that no branch is trivially skipped.
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if name.endswith(("gamma", "beta")):
+                p.normal_(0, 0.05)
+    with torch.device("meta"):
+        ref = StableCascadeUNet(**{k: v for k, v in dcfg.items() if not k.startswith("_")}).eval()
+    share_weights(ours, ref)
+    return ours, ref, run_ours, run_ref
+
+
+def share_weights(ours: nn.Module, ref: nn.Module) -> None:
+    """Point ``ref``'s parameters at ``ours``' tensors (diffusers names, q/k/v as views): no copy."""
+    ref.load_state_dict(convert.unet_official_to_diffusers(ours.state_dict()), strict=True, assign=True)
+
+
+def time_pair(ours, ref, run_ours, run_ref, dtype: torch.dtype, repeats: int) -> dict[str, float]:
+    """Warm up both, then ``repeats`` interleaved timed forwards each.
+
+    Returns medians of wall time and of process CPU time (all threads; steadier than wall time when other
+    jobs share the cores) for both sides, and the max relative difference of the two outputs.
+    """
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
+    times: dict[str, list[float]] = {"ours": [], "ref": [], "ours_cpu": [], "ref_cpu": []}
+    with torch.inference_mode(), ctx:
+        a, b = run_ours(ours).float(), run_ref(ref).float()  # warm-up, and a sanity check of agreement
+        diff = ((a - b).abs().max() / b.abs().max()).item()
+        for _ in range(repeats):
+            for model, fn, side in ((ours, run_ours, "ours"), (ref, run_ref, "ref")):
+                t0, c0 = time.perf_counter(), time.process_time()
+                fn(model)
+                times[side].append(time.perf_counter() - t0)
+                times[side + "_cpu"].append(time.process_time() - c0)
+    result = {k: statistics.median(v) for k, v in times.items()}
+    result["diff"] = diff
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="1 timed repeat instead of 5")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--models", default="c,b", help="comma list of c (Stage C lite), b (Stage B lite)")
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--out", default=None, help="also write the results table (markdown) to this file")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = ap.parse_args()
+    repeats = args.repeats or (1 if args.quick else 5)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()[0]
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    names = {"c": "Stage C lite, B=2, latent 12x12", "b": "Stage B lite, B=1, latent 128x128"}
+
+    rows = []
+    for which in args.models.split(","):
+        ours, ref, run_ours, run_ref = build_pair(which)
+        for dname in args.dtypes.split(","):
+            dtype = dtypes[dname]
+            if dtype != torch.float32:
+                ours.to(dtype)
+                share_weights(ours, ref)  # drops diffusers' references to the float32 tensors
+                gc.collect()
+            t = time_pair(ours, ref, run_ours, run_ref, dtype, repeats)
+            rows.append((names[which], dname, t))
+            print(f"{names[which]:34s} {dname:5s} wall: ours {t['ours']:7.3f} s, diffusers "
+                  f"{t['ref']:7.3f} s, ratio {t['ours'] / t['ref']:5.2f} | cpu: ours {t['ours_cpu']:7.3f} s, "
+                  f"diffusers {t['ref_cpu']:7.3f} s, ratio {t['ours_cpu'] / t['ref_cpu']:5.2f} | "
+                  f"max rel diff {t['diff']:.1e}", flush=True)
+        del ours, ref
+        gc.collect()
+
+    header = (
+        "| forward (512x512 image) | dtype | ours wall (s) | diffusers wall (s) | ratio wall "
+        "| ours CPU (s) | diffusers CPU (s) | ratio CPU | max rel. diff |\n"
+        "|---|---|---|---|---|---|---|---|---|"
+    )
+    lines = [
+        f"| {n} | {d} | {t['ours']:.3f} | {t['ref']:.3f} | {t['ours'] / t['ref']:.2f} "
+        f"| {t['ours_cpu']:.3f} | {t['ref_cpu']:.3f} | {t['ours_cpu'] / t['ref_cpu']:.2f} | {t['diff']:.1e} |"
+        for n, d, t in rows
+    ]
+    table = "\n".join([header, *lines])
+    machine = (f"CPU: {cpu_model()}, {os.cpu_count()} cores visible, torch {torch.__version__} "
+               f"({torch.get_num_threads()} threads); median of {repeats} interleaved repeat(s) after 1 warm-up; "
+               f"1-min load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end")
+    print()
+    print(table)
+    print(machine)
+    if args.out:
+        Path(args.out).write_text(f"{table}\n\n{machine}\n")
+
+
+if __name__ == "__main__":
+    main()

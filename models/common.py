@@ -1,0 +1,474 @@
+"""Building blocks shared by Stage B and Stage C (spec §2).
+
+Layout convention (speed): activations are logical NCHW tensors ``[B, C, H, W]`` kept in
+``torch.channels_last`` memory. For such a tensor ``x.permute(0, 2, 3, 1)`` is a free, contiguous NHWC
+view, so the per-pixel LayerNorm-over-channels and the per-pixel Linear layers of the blocks run on it
+without a permute copy, and ``.permute(0, 3, 1, 2)`` turns their NHWC result back into a channels_last NCHW
+view, again for free. Convolutions keep the channels_last format.
+
+Module and parameter names reproduce the official checkpoints' ``state_dict`` keys exactly
+(``depthwise``, ``channelwise.{0,2,4}``, ``attention.attn.in_proj_weight``, ``kv_mapper.1``, ``mapper_sca``...).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+LN_EPS = 1e-6  # every LayerNorm of Stage B / C: no affine, eps 1e-6
+CL = torch.channels_last
+
+
+# ----------------------------------------------------------------------------------------- layout helpers
+
+
+def to_channels_last(x: Tensor) -> Tensor:
+    """``x: [B, C, H, W]`` -> same tensor in channels_last memory (no copy if it already is)."""
+    return x.contiguous(memory_format=CL)
+
+
+def nhwc(x: Tensor) -> Tensor:
+    """``x: [B, C, H, W]`` -> ``[B, H, W, C]`` view (contiguous when x is channels_last)."""
+    return x.permute(0, 2, 3, 1)
+
+
+def nchw(x: Tensor) -> Tensor:
+    """``x: [B, H, W, C]`` -> ``[B, C, H, W]`` view (channels_last memory when x is contiguous)."""
+    return x.permute(0, 3, 1, 2)
+
+
+def layer_norm_2d(x: Tensor) -> Tensor:
+    """Non-affine LayerNorm over channels at every pixel. ``x: [B, C, H, W]`` -> ``[B, C, H, W]``."""
+    return nchw(F.layer_norm(nhwc(x), (x.shape[1],), eps=LN_EPS))
+
+
+# oneDNN's fused linear (the kernel that torch.compile uses on CPU). Measured on the 2-core AMD EPYC dev
+# machine at Stage B/C shapes: float32 about 2.5x faster than F.linear (whose MKL sgemm takes a slow path
+# on AMD CPUs), bfloat16 5-15% faster (bias and GELU fused into the GEMM instead of extra passes).
+_onednn_linear = (
+    getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if torch.backends.mkldnn.is_available()
+    else None
+)
+_onednn_bf16 = _onednn_linear is not None and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+USE_ONEDNN_LINEAR = True  # module switch for A/B measurements; both paths agree to float rounding
+
+
+def _onednn_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
+    """Compute dtype for the oneDNN path, or None where F.linear must run (GPU, autograd, fp16...)."""
+    if not USE_ONEDNN_LINEAR or _onednn_linear is None:
+        return None
+    if x.device.type != "cpu" or weight.device.type != "cpu":
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return None  # the fused kernel has no autograd formula
+    if torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")  # the op is not autocast-aware: cast as autocast would
+    elif x.dtype == weight.dtype:
+        dtype = x.dtype
+    else:
+        return None  # F.linear raises its usual dtype-mismatch error
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and _onednn_bf16):
+        return dtype
+    return None
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, gelu: bool = False) -> Tensor:
+    """``x @ weight.T + bias`` over the last dim, then exact (erf) GELU if ``gelu``.
+
+    ``x: [..., in]``, ``weight: [out, in]`` -> ``[..., out]``. On CPU without autograd this is oneDNN's
+    fused linear (bias and GELU inside the GEMM), honouring CPU autocast; elsewhere F.linear (+ F.gelu).
+    """
+    dtype = _onednn_dtype(x, weight)
+    if dtype is None:
+        y = F.linear(x, weight, bias)
+        return F.gelu(y) if gelu else y
+    b = None if bias is None else bias.to(dtype)
+    x, w = x.to(dtype), weight.to(dtype)
+    if gelu:
+        return _onednn_linear(x, w, b, "gelu", [], "none")
+    return _onednn_linear(x, w, b, "none", [], "")
+
+
+def linear_module(x: Tensor, module: nn.Linear, gelu: bool = False) -> Tensor:
+    """``linear`` with an ``nn.Linear``'s parameters."""
+    return linear(x, module.weight, module.bias, gelu)
+
+
+def conv1x1(x: Tensor, conv: nn.Conv2d, gelu: bool = False) -> Tensor:
+    """A 1x1 ``conv`` as a per-pixel matmul on the NHWC view: ``[B, Cin, H, W]`` -> ``[B, Cout, H, W]``.
+
+    Same maths as the convolution; as a GEMM on the contiguous NHWC view it needs no layout conversion
+    and returns channels_last. ``gelu`` applies an exact GELU to the result (fused on CPU).
+    """
+    w = conv.weight
+    return nchw(linear(nhwc(x), w.view(w.shape[0], w.shape[1]), conv.bias, gelu))
+
+
+def channels_last_weight(conv: nn.Conv2d | nn.ConvTranspose2d) -> Tensor:
+    """``conv.weight`` in channels_last memory, cached on the module while the weight is unchanged.
+
+    A convolution over channels_last input otherwise copies a contiguous weight into that layout on every
+    call (measured: ~10 MB per call for Stage B's 1152-wide 2x2 convs). The cache is refreshed when the
+    weight changes: ``load_state_dict`` and in-place edits (version counter), ``.to()`` (new memory). With
+    autograd active, or for inference tensors (created under ``torch.inference_mode``: they have no version
+    counter, so an in-place change could not be detected), the parameter itself is used.
+    """
+    w = conv.weight
+    if torch.is_grad_enabled() or w.is_inference() or w.is_contiguous(memory_format=CL):
+        return w
+    cached = conv.__dict__.get("_channels_last_weight")
+    # The cache holds the source tensor, so its memory cannot be freed and reused by a new weight: an
+    # equal data pointer then really means the same memory, and the version counter covers in-place edits.
+    if cached is not None:
+        src, version, out = cached
+        if src.data_ptr() == w.data_ptr() and src.dtype == w.dtype and src.shape == w.shape:
+            if src.device == w.device and w._version == version:
+                return out
+    out = w.detach().contiguous(memory_format=CL)
+    conv.__dict__["_channels_last_weight"] = (w.detach(), w._version, out)  # plain attribute, not saved
+    return out
+
+
+def resize_bilinear(x: Tensor, size: Sequence[int]) -> Tensor:
+    """Bilinear resize with ``align_corners=True`` (the official choice everywhere in B/C).
+
+    ``x: [B, C, h, w]`` -> ``[B, C, *size]``, computed in float32 (the official code casts to float first; it
+    also keeps bf16 inputs away from a low-precision interpolation) and returned in the input dtype.
+    """
+    out = F.interpolate(x.float(), size=tuple(size), mode="bilinear", align_corners=True)
+    return out.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------ r-embedding
+
+
+def gen_r_embedding(r: Tensor, dim: int = 64, max_positions: int = 10000) -> Tensor:
+    """Sinusoidal embedding of the noise condition. ``r: [B]`` float in [0, 1] -> ``[B, dim]`` float32.
+
+    Gotcha (spec §2.7): the float32 operation order decides parity at 1e-5, because the arguments reach 1e4
+    and one ulp in a frequency moves sin/cos by ~1e-3. Order: k = -ln(max_positions)/(half-1) as a Python
+    double; freq = exp(arange(half) in float32 * k); arg = (r * max_positions)[:, None] * freq[None, :] in
+    float32; output = [sin(arg), cos(arg)] (all sines first). The divisor is half - 1, not half.
+    """
+    r = r.float() * max_positions
+    half = dim // 2
+    k = math.log(max_positions) / (half - 1)
+    freq = torch.arange(half, device=r.device).float().mul(-k).exp()
+    arg = r[:, None] * freq[None, :]
+    emb = torch.cat([arg.sin(), arg.cos()], dim=1)
+    if dim % 2 == 1:  # never the case for released models (dim 64); zero-pad like the official code
+        emb = F.pad(emb, (0, 1), mode="constant")
+    return emb
+
+
+def gen_r_embeddings(
+    r: Tensor, t_conds: Sequence[str], values: Mapping[str, Tensor] | None, dim: int
+) -> Tensor:
+    """Model-level r-embedding ``[B, dim * (1 + len(t_conds))]``: emb(r) ++ emb(cond) for every t_cond.
+
+    A condition absent from ``values`` is zeros, whose embedding is NOT zero ([0]*half ++ [1]*half): its
+    mapper still contributes W @ emb(0) + b, so the mappers must exist and be loaded (spec §2.7).
+    """
+    values = values or {}
+    unknown = set(values) - set(t_conds)
+    if unknown:
+        raise ValueError(
+            f"t_cond_values: unknown condition(s) {sorted(unknown)}; model has {list(t_conds)}"
+        )
+    parts = [gen_r_embedding(r, dim)]
+    for name in t_conds:
+        v = values.get(name)
+        parts.append(
+            gen_r_embedding(torch.zeros_like(r, dtype=torch.float32) if v is None else v, dim)
+        )
+    return torch.cat(parts, dim=1)
+
+
+# ------------------------------------------------------------------------------------------------ blocks
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channel dim at every pixel, no affine, eps 1e-6. ``[B,C,H,W]`` -> ``[B,C,H,W]``.
+
+    Parameter-free: it contributes no state_dict keys, but it occupies a Sequential index.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return layer_norm_2d(x)
+
+
+class GlobalResponseNorm(nn.Module):
+    """ConvNeXt-V2 GRN on NHWC input. ``x: [B, H, W, C]`` -> ``[B, H, W, C]``.
+
+    Y = gamma * (X * N) + beta + X with N = G / (mean_C(G) + 1e-6), G = L2 norm of X over (H, W).
+    Computed as X * (1 + gamma * N) + beta: the [B,1,1,C] factor is tiny, so this is one fused
+    multiply-add over the big tensor instead of three passes. gamma/beta are [1,1,1,C] (spec §2.2).
+    """
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(1, 1, 1, c))
+        self.beta = nn.Parameter(torch.zeros(1, 1, 1, c))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Sum of squares: 4-8x faster than linalg.vector_norm on CPU (measured). No dtype= argument: that
+        # would copy the whole 4c-wide activation to float32; reductions accumulate in float32 anyway.
+        g = (x * x).sum(dim=(1, 2), keepdim=True).float().sqrt()
+        n = g / (g.mean(dim=-1, keepdim=True) + 1e-6)
+        # The factor is [B,1,1,C]; cast it (not x) so a bf16 activation stays bf16 under autocast.
+        scale = torch.addcmul(torch.ones_like(n), self.gamma.float(), n).to(x.dtype)
+        return torch.addcmul(self.beta.to(x.dtype), x, scale)
+
+
+def _mlp(c_in: int, c: int, dropout: float) -> nn.Sequential:
+    """Per-pixel MLP of ResBlock / FeedForwardBlock: indices 0 Linear, 1 GELU, 2 GRN, 3 Dropout, 4 Linear."""
+    return nn.Sequential(
+        nn.Linear(c_in, 4 * c),
+        nn.GELU(),
+        GlobalResponseNorm(4 * c),
+        nn.Dropout(dropout),
+        nn.Linear(4 * c, c),
+    )
+
+
+def _run_mlp(mlp: nn.Sequential, h: Tensor) -> Tensor:
+    """``_mlp`` on NHWC ``h: [B, H, W, c_in]`` -> ``[B, H, W, c]``, GELU fused into the first linear."""
+    h = mlp[2](linear_module(h, mlp[0], gelu=True))
+    return linear_module(mlp[3](h), mlp[4])
+
+
+class ResBlock(nn.Module):
+    """Depthwise conv -> LN2d -> [concat skip] -> per-pixel MLP -> + input (spec §2.3).
+
+    ``x: [B, c, H, W]``, ``skip: [B, c_skip, H, W] | None`` -> ``[B, c, H, W]``.
+    Gotchas: the skip is concatenated AFTER depthwise + norm, and the residual is the block input without it.
+    """
+
+    def __init__(self, c: int, c_skip: int = 0, kernel_size: int = 3, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.depthwise = nn.Conv2d(c, c, kernel_size, padding=kernel_size // 2, groups=c)
+        self.norm = LayerNorm2d()
+        self.channelwise = _mlp(c + c_skip, c, dropout)
+
+    def forward(self, x: Tensor, skip: Tensor | None = None) -> Tensor:
+        h = nhwc(self.depthwise(x))
+        h = F.layer_norm(h, (h.shape[-1],), eps=LN_EPS)
+        if skip is not None:
+            h = torch.cat([h, nhwc(skip).to(h.dtype)], dim=-1)
+        return x + nchw(_run_mlp(self.channelwise, h))
+
+
+class FeedForwardBlock(nn.Module):
+    """LN2d -> per-pixel MLP -> + input ('F' blocks; unused by released configs). ``[B,c,H,W]`` -> same."""
+
+    def __init__(self, c: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm = LayerNorm2d()
+        self.channelwise = _mlp(c, c, dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.layer_norm(nhwc(x), (x.shape[1],), eps=LN_EPS)
+        return x + nchw(_run_mlp(self.channelwise, h))
+
+
+class TimestepBlock(nn.Module):
+    """FiLM by the r-embedding (spec §2.5). ``x: [B,c,H,W]``, ``r_embed: [B, c_r*(1+len(conds))]``.
+
+    Each mapper sees its own c_r-wide chunk; outputs are summed, then split into a = [:, :c] (scale) and
+    b = [:, c:] (shift); output x * (1 + a) + b.
+    """
+
+    def __init__(self, c: int, c_timestep: int = 64, conds: Sequence[str] = ()) -> None:
+        super().__init__()
+        self.c_timestep = c_timestep
+        self.conds = tuple(conds)
+        self.mapper = nn.Linear(c_timestep, 2 * c)
+        for name in self.conds:
+            setattr(self, f"mapper_{name}", nn.Linear(c_timestep, 2 * c))
+
+    def forward(self, x: Tensor, r_embed: Tensor) -> Tensor:
+        chunks = r_embed.split(self.c_timestep, dim=1)
+        ab = linear_module(chunks[0], self.mapper)
+        for name, chunk in zip(self.conds, chunks[1:]):
+            ab = ab + linear_module(chunk, getattr(self, f"mapper_{name}"))
+        a, b = ab[:, :, None, None].chunk(2, dim=1)
+        return torch.addcmul(b.to(x.dtype), x, (1 + a).to(x.dtype))
+
+
+class PackedMultiheadAttention(nn.Module):
+    """Multi-head attention with ``torch.nn.MultiheadAttention``'s packed parameter layout.
+
+    Parameters: ``in_proj_weight [3c, c]`` (rows q, k, v), ``in_proj_bias [3c]``, ``out_proj`` Linear(c, c).
+    Forward: ``x: [B, N, c]`` (queries, and the first N keys/values when self-attending),
+    ``cond: [B, S, c]`` (extra keys/values) -> ``[B, N, c]``. The image tokens get one matmul for q, k, v
+    together and the condition tokens one matmul for k, v only (their queries are never needed).
+    """
+
+    def __init__(self, c: int, nhead: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if c % nhead:
+            raise ValueError(f"attention width {c} is not divisible by nhead={nhead}")
+        self.c, self.nhead, self.dropout = c, nhead, dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * c, c))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * c))
+        self.out_proj = nn.Linear(c, c)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.in_proj_bias)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: Tensor, cond: Tensor, self_attn: bool = True) -> Tensor:
+        B, N, c = x.shape
+        nh, d = self.nhead, c // self.nhead
+        w, b = self.in_proj_weight, self.in_proj_bias
+        kv_c = linear(cond, w[c:], b[c:]).view(B, cond.shape[1], 2, nh, d)
+        if self_attn:
+            qkv = linear(x, w, b).view(B, N, 3, nh, d)
+            q = qkv[:, :, 0]
+            # keys / values: the image tokens, then the condition tokens
+            kv = torch.cat([qkv[:, :, 1:], kv_c.to(qkv.dtype)], dim=1)
+        else:
+            q = linear(x, w[:c], b[:c]).view(B, N, nh, d)
+            kv = kv_c
+        k, v = kv[:, :, 0], kv[:, :, 1]
+        drop = self.dropout if self.training else 0.0
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2).to(q.dtype),
+            v.transpose(1, 2).to(q.dtype),
+            dropout_p=drop,
+        )  # [B, nh, N, d]; scale 1/sqrt(d) is the default
+        return linear_module(o.transpose(1, 2).reshape(B, N, c), self.out_proj)
+
+
+class Attention2D(nn.Module):
+    """Holder whose attribute ``attn`` gives the official key prefix ``attention.attn.*``."""
+
+    def __init__(self, c: int, nhead: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.attn = PackedMultiheadAttention(c, nhead, dropout)
+
+    def forward(self, x: Tensor, cond: Tensor, self_attn: bool = True) -> Tensor:
+        return self.attn(x, cond, self_attn)
+
+
+class AttnBlock(nn.Module):
+    """x + MHA(LN2d(x) tokens, [LN2d(x) tokens ; Linear(SiLU(cond))]) (spec §2.4).
+
+    ``x: [B, c, H, W]``, ``cond: [B, S, c_cond]`` -> ``[B, c, H, W]``. Tokens are row-major (h, w), taken
+    from the NHWC view, and the result is mapped back through the same view (a plain reshape of the
+    [B, HW, c] output to [B, c, H, W] would scramble it).
+    """
+
+    def __init__(
+        self, c: int, c_cond: int, nhead: int, self_attn: bool = True, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.self_attn = self_attn
+        self.norm = LayerNorm2d()
+        self.attention = Attention2D(c, nhead, dropout)
+        self.kv_mapper = nn.Sequential(nn.SiLU(), nn.Linear(c_cond, c))
+
+    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        return self.attend(x, self.kv_mapper[0](cond))
+
+    def attend(self, x: Tensor, cond_act: Tensor) -> Tensor:
+        """As ``forward`` with ``cond_act = SiLU(cond)`` given: every AttnBlock of a model applies SiLU to the
+        same condition sequence, so the model computes it once per forward."""
+        B, c, H, W = x.shape
+        kv = linear_module(cond_act, self.kv_mapper[1])
+        xn = F.layer_norm(nhwc(x), (c,), eps=LN_EPS).reshape(B, H * W, c)
+        a = self.attention(xn, kv, self.self_attn)
+        return x + nchw(a.view(B, H, W, c))
+
+
+# ---------------------------------------------------------------------------------- level construction
+
+
+def make_block(
+    code: str,
+    c: int,
+    *,
+    c_cond: int,
+    nhead: int,
+    c_r: int,
+    t_conds: Sequence[str],
+    kernel_size: int,
+    dropout: float,
+    self_attn: bool,
+    c_skip: int = 0,
+) -> nn.Module:
+    """One block from its level-config code: C ResBlock, T TimestepBlock, A AttnBlock, F FeedForwardBlock."""
+    if code == "C":
+        return ResBlock(c, c_skip, kernel_size, dropout)
+    if code == "T":
+        return TimestepBlock(c, c_r, t_conds)
+    if code == "A":
+        return AttnBlock(c, c_cond, nhead, self_attn, dropout)
+    if code == "F":
+        return FeedForwardBlock(c, dropout)
+    raise ValueError(f"level_config: unknown block code {code!r} (expected one of C, T, A, F)")
+
+
+def make_level(
+    n: int, level_config: str, c: int, *, skip_first: int = 0, **block_kwargs
+) -> nn.ModuleList:
+    """``n`` repetitions of the level's block pattern as one flat ModuleList (indices 0, 1, 2, ...).
+
+    ``skip_first`` is the c_skip of the very first block (the up path's first ResBlock of a non-deepest
+    level); all other blocks get none.
+    """
+    blocks = nn.ModuleList()
+    for j in range(n):
+        for k, code in enumerate(level_config):
+            c_skip = skip_first if j == 0 and k == 0 else 0
+            blocks.append(make_block(code, c, c_skip=c_skip, **block_kwargs))
+    return blocks
+
+
+def run_level(
+    blocks: nn.ModuleList,
+    repeat_mappers: nn.ModuleList,
+    x: Tensor,
+    r_embed: Tensor,
+    clip_act: Tensor,
+    skip: Tensor | None = None,
+) -> Tensor:
+    """Run a level: ``len(repeat_mappers) + 1`` passes over its blocks with a 1x1 repeat mapper in between.
+
+    ``x: [B, c, H, W]``, ``r_embed: [B, c_r * (1 + n_conds)]``, ``clip_act: [B, S, c_cond]`` = SiLU of the
+    normalised condition sequence (the first op of every AttnBlock's kv_mapper, hoisted out).
+
+    ``skip`` (up path only) goes to the level's first ResBlock on EVERY pass (spec §4.4 step 8). If x and
+    skip differ in size (odd sizes in Stage B), x is bilinearly resized to the skip size first.
+    """
+    for j in range(len(repeat_mappers) + 1):
+        for k, block in enumerate(blocks):
+            if isinstance(block, ResBlock):
+                s = skip if k == 0 else None
+                if s is not None and x.shape[-2:] != s.shape[-2:]:
+                    x = to_channels_last(resize_bilinear(x, s.shape[-2:]))
+                x = block(x, s)
+            elif isinstance(block, AttnBlock):
+                x = block.attend(x, clip_act)
+            elif isinstance(block, TimestepBlock):
+                x = block(x, r_embed)
+            else:
+                x = block(x)
+        if j < len(repeat_mappers):
+            x = conv1x1(x, repeat_mappers[j])
+    return x
+
+
+def per_level(value: float | bool | Sequence, n_levels: int, name: str) -> tuple:
+    """Broadcast a scalar config field to one value per level; check a sequence's length."""
+    if isinstance(value, (int, float, bool)):
+        return (value,) * n_levels
+    value = tuple(value)
+    if len(value) != n_levels:
+        raise ValueError(f"{name}: expected {n_levels} per-level values, got {len(value)}")
+    return value

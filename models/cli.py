@@ -1,0 +1,139 @@
+"""Generate images from a prompt on the command line, through the same pipeline the service uses.
+
+    python -m models.cli "a red circle on a blue background" -o out.png     # built-in tiny model
+    python -m models.cli "a cat" --weights /snapshots/stable-cascade --num-images 2 -o cat.png
+    # -> cat-0.png, cat-1.png
+
+Sampling parameters left out take the model's own defaults (``pipeline.defaults``). Progress goes to
+stderr as one plain line per stage; the seed used is printed so a result can be reproduced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import sys
+from pathlib import Path
+
+import torch
+
+from models.pipeline import MAX_SEED, CascadePipeline
+from models.request import GenerationParams, InvalidParams, NonFiniteOutput
+
+_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_SAMPLING = (
+    "prior_steps",
+    "prior_guidance_scale",
+    "prior_shift",
+    "decoder_steps",
+    "decoder_guidance_scale",
+    "decoder_shift",
+    "cfg_rho",
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m models.cli", description=__doc__.split("\n\n")[0])
+    p.add_argument("prompt")
+    p.add_argument(
+        "-o", "--output", default="out.png", help="PNG path; with --num-images N: stem-0.png ..."
+    )
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument(
+        "--weights", metavar="DIR", help="Stable Cascade snapshot directory (default: tiny model)"
+    )
+    p.add_argument("--prior-variant", choices=("lite", "big"), default="lite")
+    p.add_argument("--decoder-variant", choices=("lite", "big"), default="lite")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", choices=tuple(_DTYPES), default="auto")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--seed", type=int, help="default: random (printed)")
+    for name in _SAMPLING:
+        p.add_argument("--" + name.replace("_", "-"), type=int if name.endswith("steps") else float)
+    return p
+
+
+def _progress(stage: str, step: int, total: int) -> None:
+    """A plain text bar on stderr, redrawn in place: ``prior   [#######-------]  10/20``."""
+    filled = round(20 * step / total)
+    end = "\n" if step == total else ""
+    print(
+        f"\r{stage:<8}[{'#' * filled}{'-' * (20 - filled)}] {step:>3}/{total}",
+        end=end,
+        file=sys.stderr,
+    )
+
+
+def load_pipeline(args: argparse.Namespace) -> CascadePipeline:
+    """The tiny random model, or a snapshot directory when --weights is given."""
+    device = None if args.device == "auto" else args.device
+    if args.weights is None:
+        from models.tiny import build_tiny_pipeline
+
+        return build_tiny_pipeline(device=device or "cpu")
+    return CascadePipeline.from_snapshot(
+        args.weights,
+        prior_variant=args.prior_variant,
+        decoder_variant=args.decoder_variant,
+        device=device,
+        dtype=_DTYPES[args.dtype],
+    )
+
+
+def output_paths(output: str, count: int) -> list[Path]:
+    """``out.png`` for one image, ``out-0.png``, ``out-1.png``, ... for several."""
+    path = Path(output)
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(count)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv``, generate, write the PNG(s). Returns the process exit code."""
+    from PIL import Image
+
+    args = _parser().parse_args(argv)
+    try:
+        pipe = load_pipeline(args)
+    except (OSError, ValueError) as err:  # missing/broken weights (CheckpointError is a ValueError)
+        print(f"error: cannot load the model: {err}", file=sys.stderr)
+        return 2
+    d = pipe.defaults
+    seed = args.seed if args.seed is not None else secrets.randbelow(MAX_SEED - args.num_images + 2)
+    given = {name: getattr(args, name) for name in _SAMPLING if getattr(args, name) is not None}
+    params = GenerationParams(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        width=args.width if args.width is not None else d.width,
+        height=args.height if args.height is not None else d.height,
+        num_images=args.num_images,
+        seed=seed,
+        **{name: given.get(name, getattr(d, name)) for name in _SAMPLING},
+    )
+    print(
+        f"model: {pipe.model_info.get('name')} ({pipe.model_info.get('weights', '')}) "
+        f"on {pipe.device}",
+        file=sys.stderr,
+    )
+    print(f"seed: {seed}")
+    try:
+        result = pipe.generate([params], on_step=_progress).results[0]
+    except InvalidParams as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if isinstance(result, NonFiniteOutput):
+        print(f"error: {result}", file=sys.stderr)
+        return 1
+    if result.prompt_truncated:
+        print("warning: the prompt was longer than 77 tokens and was truncated", file=sys.stderr)
+    for path, image in zip(output_paths(args.output, args.num_images), result.images, strict=True):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)  # [3, H, W] -> [H, W, 3] uint8
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

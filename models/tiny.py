@@ -1,0 +1,86 @@
+"""A tiny, randomly initialised Stable Cascade for tests, demos without weights and the CLI default.
+
+Same wiring as the released models (StageCConfig.tiny(), StageBConfig.tiny(), StageAConfig.tiny(), a
+2-layer CLIP text tower of width 32 and the offline byte tokenizer), with every parameter drawn from
+seeded generators, so the same seed always gives the same model. Its pictures are structured noise,
+not art: nothing here was trained.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+from models.config import StageAConfig, StageBConfig, StageCConfig
+from models.pipeline import CascadePipeline, Limits
+from models.request import SamplingDefaults
+from models.stage_a import StageA
+from models.stage_b import StageB
+from models.stage_c import StageC
+from models.text import TextEncoder, build_byte_tokenizer
+
+# Small enough for a 2-core CPU (a 128 px image in well under a second); official guidance, shift
+# and rho.
+TINY_DEFAULTS = SamplingDefaults(width=128, height=128, prior_steps=6, decoder_steps=4)
+
+
+def randomize_(module: nn.Module, seed: int, std: float) -> nn.Module:
+    """Overwrite every parameter with N(0, std^2) noise from a generator seeded with ``seed``, in
+    sorted name order. Freshly constructed blocks are partly trivial (zero GRN / Stage A gammas make
+    blocks the identity), which would hide wiring bugs; fully random weights exercise every path."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    with torch.no_grad():
+        for _, param in sorted(module.named_parameters()):
+            param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float32) * std)
+    return module
+
+
+def build_tiny_text_encoder(
+    seed: int = 0, device: torch.device | str = "cpu", num_layers: int = 2
+) -> TextEncoder:
+    """Byte tokenizer + CLIPTextModelWithProjection (width 32, projection 32, 4 heads)."""
+    tokenizer = build_byte_tokenizer()
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        projection_dim=32,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        layer_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    # transformers initialises from the global RNG: fork it, so building a model leaves the caller's
+    # RNG state alone.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPTextModelWithProjection(config)
+    return TextEncoder(tokenizer, model, device=device)
+
+
+def build_tiny_pipeline(seed: int = 0, device: torch.device | str = "cpu") -> CascadePipeline:
+    """The tiny random pipeline: deterministic for a given ``seed``; float32; 64-512 px."""
+    stage_c = randomize_(StageC(StageCConfig.tiny()), seed * 10 + 1, 0.05)
+    stage_b = randomize_(StageB(StageBConfig.tiny()), seed * 10 + 2, 0.05)
+    stage_a = randomize_(StageA(StageAConfig.tiny()), seed * 10 + 3, 0.1)
+    return CascadePipeline(
+        stage_c,
+        stage_b,
+        stage_a,
+        build_tiny_text_encoder(seed, device),
+        defaults=TINY_DEFAULTS,
+        limits=Limits.for_models(stage_a.config, stage_b.config, min_size=64, max_size=512),
+        model_info={
+            "name": "tiny-random",
+            "demo": True,
+            "prior": "tiny",
+            "decoder": "tiny",
+            "weights": f"random tiny weights (seed {seed}), untrained: images are noise",
+        },
+        device=device,
+        dtype=torch.float32,
+    )

@@ -10,8 +10,8 @@ Sources
 - Pickle checkpoints (.ckpt/.pt/.pth/.bin) are refused without being opened: unpickling runs arbitrary code.
 
 How (lean and fast)
-- The network is constructed with its parameters on the ``meta`` device (no allocation, no random init); buffers
-  are built for real, so anything the checkpoint does not hold (non-persistent buffers) has its constructor value.
+- The network is constructed on the ``meta`` device (no allocation, no random init); after loading, nothing may be
+  left on meta (every parameter and buffer of these networks is in its checkpoint).
 - Every header is read and every key, shape and dtype kind is checked against the network BEFORE any tensor data
   is touched, so a bad file raises one ``CheckpointError`` and nothing is half-loaded.
 - Tensors come from ``safetensors.safe_open`` as zero-copy views of the memory-mapped file. When no conversion is
@@ -31,9 +31,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -293,43 +291,6 @@ def _read_headers(files: Sequence[Path]) -> dict[str, TensorInfo]:
                 )
             infos[key] = info
     return infos
-
-
-# --------------------------------------------------------------------------------- empty construction
-
-_tls = threading.local()
-_patch_lock = threading.Lock()
-_patch_users = 0
-_register_parameter = nn.Module.register_parameter
-
-
-def _register_parameter_on_meta(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
-    if param is not None and getattr(_tls, "params_on_meta", False) and not param.is_meta:
-        param = type(param)(param.detach().to("meta"), requires_grad=param.requires_grad)
-    _register_parameter(self, name, param)
-
-
-@contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Modules constructed in this thread inside the block get meta parameters; buffers stay real.
-
-    Unlike ``with torch.device("meta")`` this keeps every buffer's constructor value, so buffers a checkpoint does
-    not carry (non-persistent ones) are correct. Parameter initialisers then run on meta tensors, i.e. not at all.
-    """
-    global _patch_users
-    with _patch_lock:
-        if _patch_users == 0:
-            nn.Module.register_parameter = _register_parameter_on_meta  # type: ignore[method-assign]
-        _patch_users += 1
-    _tls.params_on_meta = True
-    try:
-        yield
-    finally:
-        _tls.params_on_meta = False
-        with _patch_lock:
-            _patch_users -= 1
-            if _patch_users == 0:
-                nn.Module.register_parameter = _register_parameter  # type: ignore[method-assign]
 
 
 # ---------------------------------------------------------------------------------------- validation
@@ -638,7 +599,9 @@ def _load(
                 raise CheckpointError(f"diffusers keys cannot be converted: {e}") from None
             official = {k: tuple(t.shape) for k, t in meta.items()}
             dtypes = {k: t.dtype for k, t in meta.items()}
-        with _parameters_on_meta():
+        # Parameters and buffers start on meta: no allocation, no random init. Every tensor of these
+        # networks is in their checkpoints (BatchNorm statistics included); _place_remaining checks it.
+        with torch.device("meta"):
             try:
                 model = spec.network(cfg)
             except ValueError as e:

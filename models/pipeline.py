@@ -162,7 +162,8 @@ class CascadePipeline:
         return cls(
             weights.load_stage_c(files.stage_c, device=device, dtype=dtype),
             weights.load_stage_b(files.stage_b, device=device, dtype=dtype),
-            weights.load_stage_a(files.stage_a, device=device, dtype=dtype),
+            # Stage A keeps float32 weights as in the official inference (it still runs under autocast).
+            weights.load_stage_a(files.stage_a, device=device, dtype=torch.float32),
             TextEncoder.from_pretrained(text_root, device=device, dtype=dtype),
             model_info={
                 "name": f"stable-cascade-{prior_variant}-{decoder_variant}",

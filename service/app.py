@@ -1,0 +1,282 @@
+"""create_app(settings) -> FastAPI: the routes, the lifespan, and the one place errors become
+responses.
+
+Path of a generate request: RequestMiddleware (413, metrics) -> GenerateRequest (400/422) ->
+build_params (422) -> Runtime.submit (503) -> JobQueue -> BatchWorker -> Engine (compute thread) ->
+Runtime.wait (504 / disconnect) -> PNG encoding (thread pool) -> JSON or image/png.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.access_log import install_access_log
+from service.auth import install_auth
+from service.engine import Pipeline, load_pipeline
+from service.errors import InternalError, InvalidJson, InvalidRequest, ServiceError
+from service.imaging import encode_b64_png, encode_png
+from service.metrics import Metrics
+from service.middleware import RequestMiddleware
+from service.openapi import install_openapi
+from service.responses import (
+    build_params,
+    encode_each,
+    json_response,
+    png_response,
+    timings_of,
+    wants_png,
+)
+from service.runtime import Runtime
+from service.schemas import ErrorResponse, GenerateRequest, GenerateResponse, Health
+from service.settings import Settings
+
+logger = logging.getLogger("service.app")
+
+RETRY_AFTER = {
+    "Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}
+}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "The body is not valid JSON (code invalid_json)"},
+    401: {
+        "model": ErrorResponse,
+        "description": "Missing or wrong API key (only when CASCADE_API_KEYS is configured)",
+    },
+    413: {
+        "model": ErrorResponse,
+        "description": "The body is over CASCADE_MAX_BODY_BYTES (body_too_large)",
+    },
+    422: {
+        "model": ErrorResponse,
+        "description": "A field is invalid; error.field names it (invalid_field)",
+    },
+    500: {
+        "model": ErrorResponse,
+        "description": "Generation failed (generation_failed, non_finite_output, "
+        "gpu_out_of_memory, internal_error)",
+    },
+    503: {
+        "model": ErrorResponse,
+        "description": "Queue full, still loading, or shutting down "
+        "(queue_full, not_ready, draining)",
+        "headers": RETRY_AFTER,
+    },
+    504: {
+        "model": ErrorResponse,
+        "description": "The deadline passed before the batch started (deadline_exceeded)",
+    },
+}
+PNG_200: dict[str, Any] = {
+    "description": "JSON with base64 PNGs, or (Accept: image/png / response_format=png) the raw "
+    "PNG with X-Seed, X-Prompt-Truncated, X-Demo-Weights and Server-Timing headers",
+    "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+}
+
+
+def create_app(
+    settings: Settings | None = None, pipeline_factory: Callable[[Settings], Pipeline] | None = None
+) -> FastAPI:
+    """One app = one model replica. ``pipeline_factory`` builds the pipeline (default: from
+    settings)."""
+    settings = settings if settings is not None else Settings.from_env()
+    metrics = Metrics(settings.max_batch_images)
+    runtime = Runtime(settings, metrics, pipeline_factory or load_pipeline)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime.start()  # loads and warms up in the background; /health/ready is 503 until done
+        yield
+        await runtime.stop()
+
+    app = FastAPI(
+        title="Stable Cascade inference",
+        version="0.1.0",
+        description="Text-to-image with Stable Cascade. Errors share one envelope: "
+        '{"error": {"code", "message", "field", "request_id"}}.',
+        lifespan=lifespan,
+    )
+    app.state.runtime, app.state.settings, app.state.metrics = runtime, settings, metrics
+    _add_error_handlers(app, metrics, settings)
+
+    @app.post(
+        "/v1/generate",
+        response_model=GenerateResponse,
+        responses={200: PNG_200, **ERRORS},
+        summary="Generate images from a prompt",
+    )
+    async def generate(body: GenerateRequest, request: Request) -> Response:
+        received_at: float = getattr(request.state, "received_at", time.monotonic())
+        engine = runtime.accepting()
+        raw_png = wants_png(body.response_format, request.headers.get("accept", ""))
+        params = build_params(body, engine, settings, raw_png)
+        job = runtime.submit(params, body.timeout_s, request.state.request_id)
+        done = await runtime.wait(job, request.receive)
+        request.state.outcome = "ok"
+        if raw_png:
+            (png,), seconds = await encode_each(runtime.encode, encode_png, done.result.images)
+            metrics.encode_duration.labels("png").observe(seconds)
+            return png_response(
+                done, png, timings_of(done, seconds, received_at), engine.model_info
+            )
+        b64, seconds = await encode_each(runtime.encode, encode_b64_png, done.result.images)
+        metrics.encode_duration.labels("b64_json").observe(seconds)
+        timings = timings_of(done, seconds, received_at)
+        return json_response(done, b64, timings, engine.model_info, request.state.request_id)
+
+    @app.get("/health/live", response_model=Health, responses={503: {"model": Health}})
+    async def live() -> JSONResponse:
+        """200 while the process serves HTTP; 503 only if loading the model failed."""
+        failed = runtime.state == "failed"
+        body = Health(
+            status="failed" if failed else "alive",
+            ready=runtime.state == "ready",
+            message=runtime.failure,
+        )
+        return JSONResponse(body.model_dump(), status_code=503 if failed else 200)
+
+    @app.get(
+        "/health/ready",
+        response_model=Health,
+        responses={
+            503: {
+                "model": Health,
+                "description": "Loading, draining or failed",
+                "headers": RETRY_AFTER,
+            }
+        },
+    )
+    async def ready() -> JSONResponse:
+        """200 once the model is loaded and warmed up; 503 before that, while draining, or after
+        failure."""
+        is_ready = runtime.state == "ready"
+        model = runtime.engine.model_info if runtime.engine else None
+        body = Health(
+            status=runtime.state if runtime.state != "stopped" else "draining",  # type: ignore[arg-type]
+            ready=is_ready,
+            model=model,
+            demo_weights=bool(model.get("demo")) if model else None,
+            queue_depth=len(runtime.queue),
+            inflight_jobs=len(runtime.inflight),
+            message=runtime.failure,
+        )
+        headers = {} if is_ready else {"Retry-After": str(settings.retry_after_s)}
+        return JSONResponse(
+            body.model_dump(), status_code=200 if is_ready else 503, headers=headers
+        )
+
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={
+            200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}
+        },
+    )
+    async def prometheus_metrics() -> Response:
+        """Prometheus text format; every metric is prefixed cascade_."""
+        if runtime.engine is not None:
+            metrics.set_gpu_memory(runtime.engine.memory_stats())
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    install_openapi(app, runtime, settings)
+    endpoints = frozenset(r.path for r in app.routes if hasattr(r, "path"))
+    # Last added is outermost: access log -> RequestMiddleware (413, metrics) -> API keys -> routes,
+    # so refusals carry the request id, are counted and are logged.
+    install_auth(app)
+    app.add_middleware(
+        RequestMiddleware,
+        metrics=metrics,
+        max_body_bytes=settings.max_body_bytes,
+        endpoints=endpoints,
+    )
+    install_access_log(app)
+    return app
+
+
+def _add_error_handlers(app: FastAPI, metrics: Metrics, settings: Settings) -> None:
+    def reply(request: Request, error: ServiceError) -> JSONResponse:
+        request.state.outcome = error.reason or error.code
+        if error.reason is not None:
+            metrics.rejected.labels(error.reason).inc()
+        if error.status == 500:
+            logger.error("%s %s: %s", request.state.request_id, error.code, error.message)
+        body = {
+            "error": {
+                "code": error.code,
+                "message": error.message,
+                "field": error.field,
+                "request_id": getattr(request.state, "request_id", None),
+            }
+        }
+        return JSONResponse(
+            body, status_code=error.status, headers=error.headers(settings.retry_after_s)
+        )
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return reply(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return reply(request, _from_validation(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI could not decode the body (bad UTF-8, nesting depth)
+            return reply(
+                request,
+                InvalidJson(
+                    "the request body could not be parsed (not UTF-8, or nested too deeply); "
+                    "send a UTF-8 JSON object"
+                ),
+            )
+        error = ServiceError(str(exc.detail))
+        error.status, error.code = exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error")
+        response = reply(request, error)
+        response.headers.update(exc.headers or {})  # e.g. Allow on 405
+        return response
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error")
+        return reply(
+            request, InternalError(f"internal error ({type(exc).__name__}); please report it")
+        )
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+def _from_validation(exc: RequestValidationError) -> ServiceError:
+    """Pydantic's errors -> one InvalidRequest naming the first bad field (all are listed in the
+    message)."""
+    problems: list[str] = []
+    first_field: str | None = None
+    for err in exc.errors():
+        loc = [str(part) for part in err.get("loc", ()) if part != "body"]
+        if err.get("type") == "json_invalid":
+            detail = err.get("ctx", {}).get("error", "")
+            return InvalidJson(f"the request body is not valid JSON ({detail}); send a JSON object")
+        field = ".".join(loc) or None
+        if field is None:
+            problems.append(
+                "the body must be a JSON object (Content-Type: application/json) with at least "
+                "a prompt"
+            )
+            continue
+        message = err.get("msg", "invalid")
+        if err.get("type") == "extra_forbidden":
+            message = f"unknown field; allowed fields: {', '.join(GenerateRequest.model_fields)}"
+        elif err.get("type") == "missing":
+            message = "field required"
+        first_field = first_field or field
+        problems.append(f"{field}: {message}")
+    return InvalidRequest("; ".join(problems) or "invalid request", field=first_field)

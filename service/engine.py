@@ -1,0 +1,183 @@
+"""Engine: owns the loaded pipeline and the one thread that runs it.
+
+``CascadePipeline.generate`` is not thread-safe and blocks for seconds, so every call goes through a
+single dedicated compute thread; the event loop only awaits its futures and stays free for health
+checks, metrics and new requests. This module and imaging.py are the only service modules that
+import torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+import torch
+
+from models.request import BatchOutput, GenerationParams, SamplingDefaults
+from service.errors import OutOfMemory
+from service.settings import Settings
+
+logger = logging.getLogger("service.engine")
+T = TypeVar("T")
+
+
+class Pipeline(Protocol):
+    """The part of models.pipeline.CascadePipeline the service uses (fault-injecting wrappers
+    match it)."""
+
+    defaults: SamplingDefaults
+    limits: Any
+    model_info: dict[str, str | bool]
+    device: torch.device
+
+    def validate(self, params: GenerationParams) -> None: ...
+
+    def generate(self, batch: Sequence[GenerationParams], on_step: Any = None) -> BatchOutput: ...
+
+
+class ComputeThread:
+    """One daemon thread running submitted callables in order. A daemon, so that a batch still
+    running when the drain timeout has passed cannot keep the process alive."""
+
+    def __init__(self, name: str = "cascade-compute") -> None:
+        self._tasks: queue.SimpleQueue[
+            tuple[concurrent.futures.Future[Any], Callable[[], Any]] | None
+        ]
+        self._tasks = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while (item := self._tasks.get()) is not None:
+            future, fn = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # noqa: BLE001 (the awaiting coroutine decides)
+                    future.set_exception(exc)
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._tasks.put((future, fn))
+        return await asyncio.wrap_future(future)
+
+    def stop(self) -> None:
+        self._tasks.put(None)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu. Asking for CUDA on a machine without it is an
+    error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"CASCADE_DEVICE={name} but CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"CASCADE_DEVICE={name} but only {torch.cuda.device_count()} GPU(s) exist"
+            )
+    return device
+
+
+def set_torch_threads(threads: int | None) -> None:
+    """torch.set_num_threads(threads) unless None. Process-wide; called before the model loads."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def load_pipeline(settings: Settings) -> Pipeline:
+    """Build the pipeline the settings describe: a snapshot directory, or the built-in tiny demo
+    model."""
+    device = resolve_device(settings.device)
+    if settings.weights_dir is None:
+        from models.tiny import build_tiny_pipeline
+
+        if settings.dtype != "auto":
+            logger.warning(
+                "CASCADE_DTYPE=%s ignored: the built-in demo model runs in float32", settings.dtype
+            )
+        return build_tiny_pipeline(device=device)
+    from models.pipeline import CascadePipeline
+
+    dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
+    return CascadePipeline.from_snapshot(
+        settings.weights_dir,
+        prior_variant=settings.prior_variant,
+        decoder_variant=settings.decoder_variant,
+        device=device,
+        dtype=dtype,
+    )
+
+
+class Engine:
+    """The loaded pipeline plus its compute thread."""
+
+    def __init__(self, pipeline: Pipeline, thread: ComputeThread) -> None:
+        self.pipeline = pipeline
+        self._thread = thread
+
+    @property
+    def defaults(self) -> SamplingDefaults:
+        return self.pipeline.defaults
+
+    @property
+    def model_info(self) -> dict[str, str | bool]:
+        return dict(self.pipeline.model_info)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.pipeline.device)
+
+    def validate(self, params: GenerationParams) -> None:
+        """Raises models.request.InvalidParams(field, message)."""
+        self.pipeline.validate(params)
+
+    async def generate(self, batch: Sequence[GenerationParams]) -> BatchOutput:
+        """Run one batch on the compute thread. Raises errors.OutOfMemory (after freeing cached
+        memory) when the device ran out of memory; any other exception from the pipeline passes
+        through."""
+        return await self._thread.run(lambda: self._generate(list(batch)))
+
+    def _generate(self, batch: list[GenerationParams]) -> BatchOutput:
+        try:
+            with torch.inference_mode():
+                return self.pipeline.generate(batch)
+        except torch.OutOfMemoryError as exc:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            images = sum(p.num_images for p in batch)
+            raise OutOfMemory(
+                f"out of device memory for a batch of {images} image(s): {exc}"
+            ) from None
+
+    async def warm_up(self) -> None:
+        """One generation at the default size, so the first real request pays no one-time costs."""
+        d = self.defaults
+        params = GenerationParams(
+            prompt="warm-up",
+            width=d.width,
+            height=d.height,
+            prior_steps=d.prior_steps,
+            prior_guidance_scale=d.prior_guidance_scale,
+            prior_shift=d.prior_shift,
+            decoder_steps=d.decoder_steps,
+            decoder_guidance_scale=d.decoder_guidance_scale,
+            decoder_shift=d.decoder_shift,
+            cfg_rho=d.cfg_rho,
+        )
+        output = await self.generate([params])
+        if not output.results or isinstance(output.results[0], Exception):
+            logger.warning("warm-up generation gave no image: %r", output.results)
+
+    def memory_stats(self) -> tuple[int, int] | None:
+        """(allocated, reserved) bytes on the CUDA device; None on CPU."""
+        if self.device.type != "cuda":
+            return None
+        return torch.cuda.memory_allocated(self.device), torch.cuda.memory_reserved(self.device)

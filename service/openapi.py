@@ -1,0 +1,69 @@
+"""/openapi.json with the loaded model's request limits.
+
+The static schema only knows type-level limits; sizes, step counts and guidance ranges belong to the
+model (``pipeline.limits``) and the per-request caps to the settings. Once the model is loaded they are
+written into the GenerateRequest schema, so a client (or a schema-driven test tool) generating requests
+from the document gets no 422 for a request the document calls valid.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from service.runtime import Runtime
+from service.settings import Settings
+
+_TEXT = r"[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
+_VISIBLE = r"[^\s\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
+
+
+def install_openapi(app: FastAPI, runtime: Runtime, settings: Settings) -> None:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        fields = schema["components"]["schemas"]["GenerateRequest"]["properties"]
+        for name in ("prompt", "negative_prompt"):
+            _constrain(fields[name], maxLength=settings.max_prompt_chars)
+        # no control characters but tab and newlines; the prompt also not blank
+        _constrain(fields["prompt"], pattern=f"^{_TEXT}*{_VISIBLE}{_TEXT}*$")
+        _constrain(fields["negative_prompt"], pattern=f"^{_TEXT}*$")
+        # raw PNG holds one image
+        request = schema["components"]["schemas"]["GenerateRequest"]
+        request["if"] = {
+            "properties": {"response_format": {"const": "png"}},
+            "required": ["response_format"],
+        }
+        request["then"] = {"properties": {"num_images": {"maximum": 1}}}
+        max_images = settings.max_batch_images
+        if runtime.engine is not None:
+            limits = runtime.engine.pipeline.limits
+            for name in ("width", "height"):
+                _constrain(
+                    fields[name],
+                    minimum=limits.min_size,
+                    maximum=limits.max_size,
+                    multipleOf=limits.size_step,
+                )
+            for name in ("prior_steps", "decoder_steps"):
+                _constrain(fields[name], maximum=limits.max_steps)
+            for name in ("prior_guidance_scale", "decoder_guidance_scale"):
+                _constrain(fields[name], maximum=limits.max_guidance_scale)
+            max_images = min(max_images, limits.max_num_images)
+            app.openapi_schema = schema  # final once the model is known
+        _constrain(fields["num_images"], maximum=max_images)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _constrain(field: dict[str, Any], **constraints: Any) -> None:
+    """Add JSON-schema constraints to a field, or to the non-null branch of an optional field."""
+    branches = [b for b in field.get("anyOf", [field]) if b.get("type") != "null"]
+    for branch in branches:
+        branch.update(constraints)

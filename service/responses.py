@@ -1,0 +1,167 @@
+"""Between HTTP and the pipeline: a GenerateRequest becomes validated GenerationParams (or a 422
+naming the field and limit), and a finished job becomes a JSON or raw PNG response."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from fastapi.responses import JSONResponse, Response
+
+from models.request import GenerationParams, InvalidParams
+from service.engine import Engine
+from service.errors import InvalidRequest
+from service.jobs import JobResult
+from service.schemas import MAX_SEED, GenerateRequest, GenerateResponse, ImageData, Timings
+from service.settings import Settings
+
+T = TypeVar("T")
+
+if TYPE_CHECKING:  # images are torch tensors; only engine.py and imaging.py import torch
+    import torch
+
+
+def wants_png(response_format: str | None, accept: str) -> bool:
+    """An explicit response_format wins; otherwise whichever of image/png and application/json the
+    Accept header names first (JSON when it names neither)."""
+    if response_format is not None:
+        return response_format == "png"
+    for part in accept.split(","):
+        media = part.split(";")[0].strip().lower()
+        if media in ("image/png", "application/json"):
+            return media == "image/png"
+    return False
+
+
+def build_params(
+    body: GenerateRequest, engine: Engine, settings: Settings, raw_png: bool
+) -> GenerationParams:
+    """Fill omitted fields from the model's defaults, pick a seed, and run every check;
+    InvalidRequest (422)."""
+    if body.num_images > settings.max_batch_images:
+        raise InvalidRequest(
+            f"num_images={body.num_images} is over the limit of {settings.max_batch_images} "
+            "per request",
+            field="num_images",
+        )
+    if raw_png and body.num_images > 1:
+        raise InvalidRequest(
+            "a raw image/png response holds one image: ask for num_images=1, or "
+            "response_format=b64_json (and Accept: application/json) to get several",
+            field="num_images",
+        )
+    seed = body.seed
+    if seed is None:  # random, but every image's seed (seed + i) stays a seed the API accepts
+        seed = secrets.randbelow(MAX_SEED - body.num_images + 2)
+    elif seed + body.num_images - 1 > MAX_SEED:
+        raise InvalidRequest(
+            f"seed + num_images - 1 must be <= {MAX_SEED} (image i uses seed + i); "
+            f"got seed={seed} with num_images={body.num_images}",
+            field="seed",
+        )
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(body, name)
+        if len(text) > settings.max_prompt_chars:
+            raise InvalidRequest(
+                f"{name} is {len(text)} characters; the limit is {settings.max_prompt_chars}",
+                field=name,
+            )
+    d = engine.defaults
+    params = GenerationParams(
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        width=body.width if body.width is not None else d.width,
+        height=body.height if body.height is not None else d.height,
+        num_images=body.num_images,
+        seed=seed,
+        prior_steps=body.prior_steps if body.prior_steps is not None else d.prior_steps,
+        prior_guidance_scale=_or(body.prior_guidance_scale, d.prior_guidance_scale),
+        prior_shift=d.prior_shift,
+        decoder_steps=body.decoder_steps if body.decoder_steps is not None else d.decoder_steps,
+        decoder_guidance_scale=_or(body.decoder_guidance_scale, d.decoder_guidance_scale),
+        decoder_shift=d.decoder_shift,
+        cfg_rho=d.cfg_rho,
+    )
+    try:
+        engine.validate(params)
+    except InvalidParams as exc:
+        raise InvalidRequest(f"{exc.field}: {exc.message}", field=exc.field) from None
+    return params
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+async def encode_each(
+    run: Callable[[Callable[[torch.Tensor], T], torch.Tensor], Awaitable[T]],
+    encode: Callable[[torch.Tensor], T],
+    images: torch.Tensor,
+) -> tuple[list[T], float]:
+    """Encode every image of ``images`` [n, 3, H, W] in parallel through ``run`` (the encode pool);
+    returns the results in order and the wall seconds the request spent on them."""
+    started = time.perf_counter()
+    results = await asyncio.gather(*(run(encode, image) for image in images))
+    return list(results), time.perf_counter() - started
+
+
+def timings_of(done: JobResult, encode: float, received_at: float) -> Timings:
+    t = done.timings
+    return Timings(
+        queue_wait=done.queue_wait,
+        text=t.text,
+        prior=t.prior,
+        decoder=t.decoder,
+        vqgan=t.vqgan,
+        encode=encode,
+        total=time.monotonic() - received_at,
+    )
+
+
+def json_response(
+    done: JobResult,
+    b64_images: list[str],
+    timings: Timings,
+    model: dict[str, str | bool],
+    request_id: str,
+) -> JSONResponse:
+    images = done.result.images  # uint8 [n, 3, H, W]
+    body = GenerateResponse(
+        id=request_id,
+        created=int(time.time()),
+        model=model,
+        data=[
+            ImageData(b64_json=b, seed=s)
+            for b, s in zip(b64_images, done.result.seeds, strict=True)
+        ],
+        seed=done.result.seeds[0],
+        width=int(images.shape[-1]),
+        height=int(images.shape[-2]),
+        batch_images=done.batch_images,
+        prompt_truncated=done.result.prompt_truncated,
+        negative_prompt_truncated=done.result.negative_prompt_truncated,
+        timings=timings,
+    )
+    return JSONResponse(body.model_dump())
+
+
+def png_response(
+    done: JobResult, png: bytes, timings: Timings, model: dict[str, str | bool]
+) -> Response:
+    server_timing = ", ".join(
+        f"{name};dur={getattr(timings, name) * 1000:.1f}"
+        for name in ("queue_wait", "text", "prior", "decoder", "vqgan", "encode", "total")
+    )
+    headers = {
+        "X-Seed": str(done.result.seeds[0]),
+        "X-Prompt-Truncated": str(done.result.prompt_truncated).lower(),
+        "X-Negative-Prompt-Truncated": str(done.result.negative_prompt_truncated).lower(),
+        "X-Batch-Images": str(done.batch_images),
+        "X-Model": str(model.get("name", "")),
+        "X-Demo-Weights": str(bool(model.get("demo", False))).lower(),
+        "Server-Timing": server_timing,
+    }
+    return Response(content=png, media_type="image/png", headers=headers)

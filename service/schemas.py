@@ -1,0 +1,152 @@
+"""HTTP request and response bodies. Static limits live here; model-specific ones (sizes, step
+counts) come from ``pipeline.validate`` and are checked in app.py before a job is queued."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+MAX_SEED = 2**32 - 1
+_FLOAT_FIELDS = frozenset({"prior_guidance_scale", "decoder_guidance_scale", "timeout_s"})
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+class GenerateRequest(BaseModel):
+    """``POST /v1/generate``. Omitted sampling fields take the loaded model's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(..., min_length=1, description="What to draw (not blank).")
+    negative_prompt: str = Field("", description="What to steer away from.")
+    width: int | None = Field(
+        None, ge=1, description="Output width in pixels (model default if omitted)."
+    )
+    height: int | None = Field(
+        None, ge=1, description="Output height in pixels (model default if omitted)."
+    )
+    num_images: int = Field(1, ge=1, description="Images of this prompt; image i uses seed + i.")
+    seed: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_SEED,
+        description="Seed of the first image; chosen at random and returned if omitted.",
+    )
+    prior_steps: int | None = Field(None, ge=1, description="Stage C sampling steps.")
+    prior_guidance_scale: float | None = Field(
+        None, ge=0, description="Stage C classifier-free guidance."
+    )
+    decoder_steps: int | None = Field(None, ge=1, description="Stage B sampling steps.")
+    decoder_guidance_scale: float | None = Field(
+        None, ge=0, description="Stage B classifier-free guidance."
+    )
+    response_format: Literal["png", "b64_json"] | None = Field(
+        None,
+        description="png: the raw image/png body (num_images must be 1); b64_json: JSON with "
+        "base64 PNGs. Omitted: png if the Accept header asks for image/png, else b64_json.",
+    )
+    timeout_s: float | None = Field(
+        None,
+        ge=0.1,
+        description="Shortens the server's deadline for this request to start computing (seconds).",
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must contain non-whitespace text")
+        return value
+
+    @field_validator(
+        "width",
+        "height",
+        "num_images",
+        "seed",
+        "prior_steps",
+        "prior_guidance_scale",
+        "decoder_steps",
+        "decoder_guidance_scale",
+        "timeout_s",
+        mode="before",
+    )
+    @classmethod
+    def _json_number(cls, value: object, info: ValidationInfo) -> object:
+        # pydantic's lax mode would read true as 1 and "20" as 20; the schema says number. (Strict
+        # mode would refuse 2.0 for an integer, which JSON Schema counts as an integer.)
+        if isinstance(value, bool | str):
+            kind = "a float" if info.field_name in _FLOAT_FIELDS else "an integer"
+            raise ValueError(f"must be {kind} (a JSON number), not a string or true/false")  # noqa: TRY004
+        return value
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _no_control_characters(cls, value: str) -> str:
+        # They mean nothing to the text encoder and corrupt logs and terminals; tab and newlines pass.
+        bad = _CONTROL.search(value)
+        if bad:
+            raise ValueError(
+                f"control character U+{ord(bad.group()):04X} at index {bad.start()} is not allowed"
+            )
+        return value
+
+
+class ImageData(BaseModel):
+    b64_json: str = Field(..., description="The PNG file, base64-encoded.")
+    seed: int = Field(
+        ..., description="The seed that reproduces this image (request seed + index)."
+    )
+
+
+class Timings(BaseModel):
+    """Seconds. Stage times are those of the whole batch this request ran in."""
+
+    queue_wait: float = Field(..., description="Arrival to batch start.")
+    text: float
+    prior: float
+    decoder: float
+    vqgan: float
+    encode: float = Field(..., description="PNG (and base64) encoding of this request's images.")
+    total: float = Field(..., description="Arrival to response, as seen by the server.")
+
+
+class GenerateResponse(BaseModel):
+    id: str = Field(..., description="Request id (also the X-Request-ID header).")
+    created: int = Field(..., description="Unix time the response was made.")
+    model: dict[str, str | bool] = Field(
+        ..., description="Identity of the loaded model; demo=true: demo weights."
+    )
+    data: list[ImageData]
+    seed: int = Field(..., description="Seed of the first image.")
+    width: int
+    height: int
+    batch_images: int = Field(..., description="Images in the batch this request was computed in.")
+    prompt_truncated: bool = Field(
+        ..., description="The prompt was longer than the text encoder reads."
+    )
+    negative_prompt_truncated: bool
+    timings: Timings
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(
+        ..., description="Stable machine-readable code, e.g. invalid_field, queue_full."
+    )
+    message: str = Field(..., description="What went wrong and what to do about it.")
+    field: str | None = Field(None, description="The request field at fault, if any.")
+    request_id: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: Literal["starting", "ready", "draining", "failed", "alive"]
+    ready: bool
+    model: dict[str, str | bool] | None = None
+    demo_weights: bool | None = None
+    queue_depth: int = 0
+    inflight_jobs: int = 0
+    message: str | None = None

@@ -1,0 +1,151 @@
+"""Runtime settings: one typed ``Settings`` read from ``CASCADE_*`` environment variables.
+
+Built once in ``__main__`` (or by a test) and passed inward; nothing else reads the environment. A
+bad value raises ``SettingsError`` naming the variable, the value and what is allowed, and start-up
+stops there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "CASCADE_"
+# Read by other modules (service/auth.py, service/access_log.py) or by the deployment files themselves.
+OTHER_VARIABLES = frozenset(
+    {
+        "CASCADE_API_KEYS",
+        "CASCADE_API_KEYS_FILE",
+        "CASCADE_LOG_PROMPTS",
+        "CASCADE_METRICS_REQUIRE_KEY",
+        "CASCADE_WEIGHTS_HOST_DIR",
+    }
+)
+logger = logging.getLogger("service.settings")
+
+
+class SettingsError(ValueError):
+    """A ``CASCADE_*`` variable has a value the service cannot start with."""
+
+
+class Settings(BaseModel):
+    """Every runtime knob of one server process (one process per GPU)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Interface to listen on; 0.0.0.0 in a container.")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level."
+    )
+
+    weights_dir: Path | None = Field(
+        None,
+        description="Hugging Face snapshot directory of Stable Cascade. Unset: the built-in tiny "
+        "demo model with deterministic random weights (runs anywhere, draws nothing useful).",
+    )
+    prior_variant: Literal["lite", "big"] = Field(
+        "lite", description="Stage C size: lite (1B) or big (3.6B)."
+    )
+    decoder_variant: Literal["lite", "big"] = Field(
+        "lite", description="Stage B size: lite (700M) or big (1.5B)."
+    )
+    device: str = Field(
+        "auto", description="auto (CUDA when available, else CPU), cpu, cuda or cuda:N."
+    )
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="Weight dtype; auto is bfloat16 on CUDA and float32 on CPU."
+    )
+
+    max_queue_size: int = Field(
+        32, ge=1, description="Jobs that may wait for the GPU; beyond it requests get 503 at once."
+    )
+    max_batch_images: int = Field(
+        4,
+        ge=1,
+        le=256,
+        description="Most images in one batch (also the most images of one request).",
+    )
+    max_batch_wait_ms: float = Field(
+        2.0, ge=0, le=10_000, description="How long the oldest job waits for compatible company."
+    )
+    request_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Deadline from arrival to batch start; a request may only shorten it.",
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long queued and running jobs get to finish."
+    )
+    retry_after_s: int = Field(5, ge=0, description="Retry-After seconds sent with every 503.")
+    max_body_bytes: int = Field(
+        65_536, ge=1024, description="Largest request body accepted (413 above), chunked or not."
+    )
+    max_prompt_chars: int = Field(
+        2000,
+        ge=1,
+        description="Longest prompt in characters (the text encoder truncates at 77 tokens).",
+    )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="CPU threads torch uses inside one operation (torch.set_num_threads). Unset: "
+        "torch's default (one per core). Lower it when the cores are shared with other processes.",
+    )
+    encode_threads: int = Field(
+        2, ge=1, le=64, description="Threads encoding PNGs off the event loop."
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("weights_dir")
+    @classmethod
+    def _check_weights_dir(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError(f"{value} is not a directory")
+        return value
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read ``CASCADE_<FIELD>`` variables (empty ones count as unset); raise SettingsError on
+        bad values."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, str] = {}
+        for key, raw in environ.items():
+            if not key.startswith(ENV_PREFIX) or raw == "" or key in OTHER_VARIABLES:
+                continue
+            name = key[len(ENV_PREFIX) :].lower()
+            if name in cls.model_fields:
+                values[name] = raw
+            else:
+                # Deployments may set variables for other tools; a typo is worth a warning, not
+                # a crash.
+                logger.warning(
+                    "ignoring unknown setting %s (known: %s)", key, ", ".join(env_names())
+                )
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            problems = []
+            for err in exc.errors():
+                name = str(err["loc"][0]) if err["loc"] else "?"
+                shown = values.get(name, "")
+                problems.append(f"{ENV_PREFIX}{name.upper()}={shown!r}: {err['msg']}")
+            raise SettingsError("invalid settings: " + "; ".join(problems)) from None
+
+
+def env_names() -> list[str]:
+    """All ``CASCADE_*`` variable names, in declaration order."""
+    return [ENV_PREFIX + name.upper() for name in Settings.model_fields]

@@ -1,0 +1,70 @@
+"""Settings.from_env: typed CASCADE_* variables, defaults, and one clear error naming every bad
+value."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from service.settings import Settings, SettingsError, env_names
+
+
+def test_defaults_with_nothing_configured() -> None:
+    s = Settings.from_env({"PATH": "/bin"})
+    assert (s.host, s.port, s.weights_dir, s.device, s.dtype) == (
+        "127.0.0.1",
+        8000,
+        None,
+        "auto",
+        "auto",
+    )
+    assert (s.prior_variant, s.decoder_variant) == ("lite", "lite")
+    assert s.drain_timeout_s == 30.0
+
+
+def test_values_are_typed(tmp_path: Path) -> None:
+    s = Settings.from_env(
+        {
+            "CASCADE_WEIGHTS_DIR": str(tmp_path),
+            "CASCADE_PRIOR_VARIANT": "big",
+            "CASCADE_DEVICE": "cuda:1",
+            "CASCADE_DTYPE": "bfloat16",
+            "CASCADE_MAX_QUEUE_SIZE": "7",
+            "CASCADE_MAX_BATCH_WAIT_MS": "2.5",
+            "CASCADE_REQUEST_TIMEOUT_S": "",  # empty counts as unset
+        }
+    )
+    assert s.weights_dir == tmp_path and s.prior_variant == "big" and s.device == "cuda:1"
+    assert s.max_queue_size == 7 and s.max_batch_wait_ms == 2.5 and s.request_timeout_s == 300.0
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "hint"),
+    [
+        ("CASCADE_PORT", "http", "integer"),
+        ("CASCADE_PORT", "70000", "65535"),
+        ("CASCADE_MAX_QUEUE_SIZE", "0", "greater than or equal to 1"),
+        ("CASCADE_DEVICE", "tpu", "auto, cpu, cuda or cuda:N"),
+        ("CASCADE_DTYPE", "float16", "bfloat16"),
+        ("CASCADE_DECODER_VARIANT", "huge", "lite"),
+        ("CASCADE_WEIGHTS_DIR", "/no/such/dir", "not a directory"),
+        ("CASCADE_DRAIN_TIMEOUT_S", "-1", "greater than or equal to 0"),
+    ],
+)
+def test_bad_values_name_the_variable_value_and_rule(name: str, value: str, hint: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({name: value})
+    assert f"{name}={value!r}" in str(info.value) and hint in str(info.value)
+
+
+def test_unknown_variables_are_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="service.settings"):
+        Settings.from_env({"CASCADE_MAX_QUEUE_SZE": "3"})
+    assert "CASCADE_MAX_QUEUE_SZE" in caplog.text and "CASCADE_MAX_QUEUE_SIZE" in caplog.text
+
+
+def test_every_field_has_an_env_name_and_a_description() -> None:
+    assert "CASCADE_DRAIN_TIMEOUT_S" in env_names() and "CASCADE_WEIGHTS_DIR" in env_names()
+    assert all(field.description for field in Settings.model_fields.values())

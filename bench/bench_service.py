@@ -209,7 +209,7 @@ def _sample(text: str, name: str) -> float:
 
 
 ON, OFF = (
-    "batching on (max_batch_images=16, max_batch_wait_ms=5)",
+    "batching on (max_batch_images=16, max_batch_wait_ms=2, the default)",
     "batching off (max_batch_images=1)",
 )
 
@@ -291,7 +291,7 @@ def main() -> None:
     threads = str(args.torch_threads)
     with (
         Server(
-            max_batch_images="16", max_batch_wait_ms="5", max_queue_size="64", torch_threads=threads
+            max_batch_images="16", max_batch_wait_ms="2", max_queue_size="64", torch_threads=threads
         ) as on,
         Server(max_batch_images="1", max_queue_size="64", torch_threads=threads) as off,
     ):

@@ -1,6 +1,6 @@
 """Generate images from a prompt on the command line, through the same pipeline the service uses.
 
-    python -m models.cli "a red circle on a blue background" -o out.png     # built-in tiny model
+    python -m models.cli "a red circle on a blue background" -o out.png     # built-in demo model
     python -m models.cli "a cat" --weights /snapshots/stable-cascade --num-images 2 -o cat.png
     # -> cat-0.png, cat-1.png
 
@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--negative-prompt", default="")
     p.add_argument(
-        "--weights", metavar="DIR", help="Stable Cascade snapshot directory (default: tiny model)"
+        "--weights", metavar="DIR", help="Stable Cascade snapshot directory (default: the built-in demo model)"
     )
     p.add_argument("--prior-variant", choices=("lite", "big"), default="lite")
     p.add_argument("--decoder-variant", choices=("lite", "big"), default="lite")
@@ -67,12 +67,12 @@ def _progress(stage: str, step: int, total: int) -> None:
 
 
 def load_pipeline(args: argparse.Namespace) -> CascadePipeline:
-    """The tiny random model, or a snapshot directory when --weights is given."""
+    """The built-in demo model, or a snapshot directory when --weights is given."""
     device = None if args.device == "auto" else args.device
     if args.weights is None:
-        from models.tiny import build_tiny_pipeline
+        from models.demo import load_demo_pipeline
 
-        return build_tiny_pipeline(device=device or "cpu")
+        return load_demo_pipeline(device=device or "cpu", dtype=torch.float32)
     return CascadePipeline.from_snapshot(
         args.weights,
         prior_variant=args.prior_variant,

@@ -93,17 +93,17 @@ def set_torch_threads(threads: int | None) -> None:
 
 
 def load_pipeline(settings: Settings) -> Pipeline:
-    """Build the pipeline the settings describe: a snapshot directory, or the built-in tiny demo
-    model."""
+    """Build the pipeline the settings describe: a snapshot directory, or the built-in demo model
+    (a tiny Stable Cascade trained on synthetic shapes, models/demo.py)."""
     device = resolve_device(settings.device)
     if settings.weights_dir is None:
-        from models.tiny import build_tiny_pipeline
+        from models.demo import load_demo_pipeline
 
         if settings.dtype != "auto":
             logger.warning(
                 "CASCADE_DTYPE=%s ignored: the built-in demo model runs in float32", settings.dtype
             )
-        return build_tiny_pipeline(device=device)
+        return load_demo_pipeline(device=device, dtype=torch.float32)
     from models.pipeline import CascadePipeline
 
     dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)

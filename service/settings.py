@@ -47,8 +47,8 @@ class Settings(BaseModel):
 
     weights_dir: Path | None = Field(
         None,
-        description="Hugging Face snapshot directory of Stable Cascade. Unset: the built-in tiny "
-        "demo model with deterministic random weights (runs anywhere, draws nothing useful).",
+        description="Hugging Face snapshot directory of Stable Cascade. Unset: the built-in demo "
+        "model, a tiny Stable Cascade trained on pictures of coloured shapes (runs on any CPU).",
     )
     prior_variant: Literal["lite", "big"] = Field(
         "lite", description="Stage C size: lite (1B) or big (3.6B)."

@@ -104,14 +104,8 @@ def body(i: int) -> dict[str, object]:
 
 
 def direct_params(pipeline: object, i: int) -> GenerationParams:
-    d = pipeline.defaults  # type: ignore[attr-defined]
-    return GenerationParams(
-        prompt=str(body(i)["prompt"]), seed=i, width=d.width, height=d.height,
-        prior_steps=d.prior_steps, prior_guidance_scale=d.prior_guidance_scale,
-        prior_shift=d.prior_shift,
-        decoder_steps=d.decoder_steps, decoder_guidance_scale=d.decoder_guidance_scale,
-        decoder_shift=d.decoder_shift, cfg_rho=d.cfg_rho,
-    )  # fmt: skip
+    defaults = pipeline.defaults  # type: ignore[attr-defined]
+    return GenerationParams.from_defaults(defaults, str(body(i)["prompt"]), seed=i)
 
 
 def overhead(urls: dict[str, str], runs: int) -> dict[str, float]:

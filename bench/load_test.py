@@ -1,4 +1,4 @@
-"""Load and fault scenarios against a real server process (tiny model, loopback only, bounded in time and
+"""Load and fault scenarios against a real server process (built-in model, loopback only, bounded in time and
 request count). Every request is accounted for; a scenario fails on any outcome it does not allow.
 
 Scenarios (``--scenario``, default all):

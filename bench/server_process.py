@@ -52,7 +52,7 @@ class ServerProcess:
             "CASCADE_LOG_LEVEL": "warning",
             **(settings or {}),
         }
-        self.env.pop("CASCADE_WEIGHTS_DIR", None)  # always the built-in tiny model
+        self.env.pop("CASCADE_WEIGHTS_DIR", None)  # always the built-in model (no real weights)
         # Lives as long as the server process (its stdout/stderr); removed in __exit__.
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115
             "w+", prefix="cascade-bench-", suffix=".log", delete=False

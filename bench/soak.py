@@ -1,4 +1,4 @@
-"""Soak: thousands of requests against one server process (tiny model, loopback), sampling the server's
+"""Soak: thousands of requests against one server process (built-in model, loopback), sampling the server's
 RSS (VmRSS from /proc/<pid>/status) every ``--every`` requests after a warm-up. Passes if RSS grows by
 less than ``--max-growth`` (default 10%) from the first post-warm-up sample to the last, every request got
 a 200, and the queue gauges end at 0.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -472,3 +473,21 @@ def per_level(value: float | bool | Sequence, n_levels: int, name: str) -> tuple
     if len(value) != n_levels:
         raise ValueError(f"{name}: expected {n_levels} per-level values, got {len(value)}")
     return value
+
+
+def level_block_kwargs(cfg: Any, n_levels: int) -> list[dict[str, Any]]:
+    """The block arguments each level of a Stage B or Stage C config passes to ``make_level``."""
+    dropout = per_level(cfg.dropout, n_levels, "dropout")
+    self_attn = per_level(cfg.self_attn, n_levels, "self_attn")
+    return [
+        dict(
+            c_cond=cfg.c_cond,
+            nhead=cfg.nhead[i],
+            c_r=cfg.c_r,
+            t_conds=cfg.t_conds,
+            kernel_size=cfg.kernel_size,
+            dropout=dropout[i],
+            self_attn=self_attn[i],
+        )
+        for i in range(n_levels)
+    ]

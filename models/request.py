@@ -3,7 +3,9 @@ what comes back. Plain dataclasses; no torch-specific types except the image ten
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -41,6 +43,13 @@ class GenerationParams:
     decoder_guidance_scale: float = 1.1
     decoder_shift: float = 1.0
     cfg_rho: float = 0.7
+
+    @classmethod
+    def from_defaults(
+        cls, defaults: SamplingDefaults, prompt: str, **overrides: Any
+    ) -> GenerationParams:
+        """A request for ``prompt`` at a model's sampling defaults; ``overrides`` replace any field."""
+        return cls(prompt=prompt, **{**dataclasses.asdict(defaults), **overrides})
 
     def batch_key(self) -> tuple[int, int, int, int, float, float]:
         """Requests with equal keys can share one batch: same latent sizes and the same noise grids.

@@ -18,9 +18,9 @@ from models.common import (
     conv1x1,
     gen_r_embeddings,
     layer_norm_2d,
+    level_block_kwargs,
     linear_module,
     make_level,
-    per_level,
     resize_bilinear,
     run_level,
     to_channels_last,
@@ -62,8 +62,6 @@ class StageB(nn.Module):
                 "StageBConfig: c_hidden, nhead, level_config, blocks[i] and block_repeat[i] "
                 "must have one entry per level"
             )
-        dropout = per_level(cfg.dropout, n, "dropout")
-        self_attn = per_level(cfg.self_attn, n, "self_attn")
         c0 = cfg.c_hidden[0]
 
         self.effnet_mapper = _mapper(cfg.c_effnet, c0)
@@ -76,16 +74,7 @@ class StageB(nn.Module):
             LayerNorm2d(),
         )
 
-        def kw(i: int) -> dict:
-            return dict(
-                c_cond=cfg.c_cond,
-                nhead=cfg.nhead[i],
-                c_r=cfg.c_r,
-                t_conds=cfg.t_conds,
-                kernel_size=cfg.kernel_size,
-                dropout=dropout[i],
-                self_attn=self_attn[i],
-            )
+        kw = level_block_kwargs(cfg, n)
 
         # Attribute order = official state_dict order.
         self.down_blocks = nn.ModuleList()
@@ -102,7 +91,7 @@ class StageB(nn.Module):
                     )
                 )
             self.down_blocks.append(
-                make_level(cfg.blocks[0][i], cfg.level_config[i], cfg.c_hidden[i], **kw(i))
+                make_level(cfg.blocks[0][i], cfg.level_config[i], cfg.c_hidden[i], **kw[i])
             )
             self.down_repeat_mappers.append(
                 nn.ModuleList(
@@ -132,7 +121,7 @@ class StageB(nn.Module):
             skip = cfg.c_hidden[i] if i < n - 1 else 0
             self.up_blocks.append(
                 make_level(
-                    cfg.blocks[1][u], cfg.level_config[i], cfg.c_hidden[i], skip_first=skip, **kw(i)
+                    cfg.blocks[1][u], cfg.level_config[i], cfg.c_hidden[i], skip_first=skip, **kw[i]
                 )
             )
             self.up_repeat_mappers.append(

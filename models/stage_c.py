@@ -17,9 +17,9 @@ from models.common import (
     conv1x1,
     gen_r_embeddings,
     layer_norm_2d,
+    level_block_kwargs,
     linear_module,
     make_level,
-    per_level,
     run_level,
     to_channels_last,
 )
@@ -80,8 +80,6 @@ class StageC(nn.Module):
             raise ValueError(
                 f"StageCConfig.switch_level: expected {n - 1} entries, got {len(cfg.switch_level)}"
             )
-        dropout = per_level(cfg.dropout, n, "dropout")
-        self_attn = per_level(cfg.self_attn, n, "self_attn")
 
         self.clip_txt_mapper = nn.Linear(cfg.c_clip_text, cfg.c_cond)
         self.clip_txt_pooled_mapper = nn.Linear(cfg.c_clip_text_pooled, cfg.c_cond * cfg.c_clip_seq)
@@ -93,16 +91,7 @@ class StageC(nn.Module):
             LayerNorm2d(),
         )
 
-        def kw(i: int) -> dict:
-            return dict(
-                c_cond=cfg.c_cond,
-                nhead=cfg.nhead[i],
-                c_r=cfg.c_r,
-                t_conds=cfg.t_conds,
-                kernel_size=cfg.kernel_size,
-                dropout=dropout[i],
-                self_attn=self_attn[i],
-            )
+        kw = level_block_kwargs(cfg, n)
 
         # Attribute order = official state_dict order.
         self.down_blocks = nn.ModuleList()
@@ -121,7 +110,7 @@ class StageC(nn.Module):
                     )
                 )
             self.down_blocks.append(
-                make_level(cfg.blocks[0][i], cfg.level_config[i], cfg.c_hidden[i], **kw(i))
+                make_level(cfg.blocks[0][i], cfg.level_config[i], cfg.c_hidden[i], **kw[i])
             )
             self.down_repeat_mappers.append(
                 nn.ModuleList(
@@ -151,7 +140,7 @@ class StageC(nn.Module):
             skip = cfg.c_hidden[i] if i < n - 1 else 0
             self.up_blocks.append(
                 make_level(
-                    cfg.blocks[1][u], cfg.level_config[i], cfg.c_hidden[i], skip_first=skip, **kw(i)
+                    cfg.blocks[1][u], cfg.level_config[i], cfg.c_hidden[i], skip_first=skip, **kw[i]
                 )
             )
             self.up_repeat_mappers.append(

@@ -159,19 +159,7 @@ class Engine:
 
     async def warm_up(self) -> None:
         """One generation at the default size, so the first real request pays no one-time costs."""
-        d = self.defaults
-        params = GenerationParams(
-            prompt="warm-up",
-            width=d.width,
-            height=d.height,
-            prior_steps=d.prior_steps,
-            prior_guidance_scale=d.prior_guidance_scale,
-            prior_shift=d.prior_shift,
-            decoder_steps=d.decoder_steps,
-            decoder_guidance_scale=d.decoder_guidance_scale,
-            decoder_shift=d.decoder_shift,
-            cfg_rho=d.cfg_rho,
-        )
+        params = GenerationParams.from_defaults(self.defaults, "warm-up")
         output = await self.generate([params])
         if not output.results or isinstance(output.results[0], Exception):
             logger.warning("warm-up generation gave no image: %r", output.results)

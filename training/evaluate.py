@@ -11,7 +11,6 @@ Command (prints the scores of the shipped model)::
 
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 
@@ -45,8 +44,8 @@ def generate_prompt_set(
     """Images [54, 3, H, W] uint8 of the prompt set at the pipeline's defaults (or ``overrides`` of them), with the
     truth and prompts."""
     prompts, seeds, truth = prompt_set(seed)
-    defaults = {**dataclasses.asdict(pipeline.defaults), **overrides}
-    batch = [GenerationParams(prompt=p, seed=s, **defaults) for p, s in zip(prompts, seeds)]
+    batch = [GenerationParams.from_defaults(pipeline.defaults, p, seed=s, **overrides)
+             for p, s in zip(prompts, seeds, strict=True)]
     out = pipeline.generate(batch)
     failed = [f"{p!r}: {r}" for p, r in zip(prompts, out.results) if isinstance(r, Exception)]
     if failed:

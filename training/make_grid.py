@@ -12,7 +12,6 @@ Command::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default=None, help="demo model folder (default: assets/demo-model)")
     args = p.parse_args(argv)
     pipeline = load_demo_pipeline(path=args.model)
-    defaults = dataclasses.asdict(pipeline.defaults)
     rows = grid_prompts()
-    batch = [GenerationParams(prompt=prompt, seed=10 * r + c, **defaults)
+    batch = [GenerationParams.from_defaults(pipeline.defaults, prompt, seed=10 * r + c)
              for r, row in enumerate(rows) for c, prompt in enumerate(row)]
     results = pipeline.generate(batch).results
     size, pad = pipeline.defaults.width, 4

@@ -48,18 +48,7 @@ def test_default_sampling_settings_run_on_a_cpu(tiny_pipeline):
     # would be flaky on a shared machine, so the settings themselves are checked.
     assert d.width * d.height <= 128 * 128
     assert d.prior_steps + d.decoder_steps <= 12
-    p = GenerationParams(
-        prompt="a blue square",
-        width=d.width,
-        height=d.height,
-        prior_steps=d.prior_steps,
-        prior_guidance_scale=d.prior_guidance_scale,
-        prior_shift=d.prior_shift,
-        decoder_steps=d.decoder_steps,
-        decoder_guidance_scale=d.decoder_guidance_scale,
-        decoder_shift=d.decoder_shift,
-        cfg_rho=d.cfg_rho,
-    )
+    p = GenerationParams.from_defaults(d, "a blue square")
     out = tiny_pipeline.generate([p])
     assert out.results[0].images.shape == (1, 3, d.height, d.width)
 

@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from models import convert  # noqa: E402
 from models.config import StageAConfig, StageBConfig, StageCConfig  # noqa: E402
+from models.cuda_graphs import GraphCache  # noqa: E402
 from models.pipeline import CascadePipeline, Limits  # noqa: E402
 from models.request import GenerationParams, NonFiniteOutput  # noqa: E402
 from models.stage_a import StageA  # noqa: E402
@@ -170,41 +171,44 @@ def check_unet_parity(rep: Report, device: torch.device) -> None:
 
 
 def check_service(rep: Report, device: torch.device) -> None:
-    """The built-in demo model served over HTTP on ``device`` vs the CPU pipeline, same request."""
+    """The built-in demo model served over HTTP on ``device`` (CUDA graphs on and off) vs the CPU
+    pipeline, same requests."""
     import io
 
+    import httpx
+    import numpy as np
     from PIL import Image
     from server_process import ServerProcess
 
     from models.demo import load_demo_pipeline
 
-    strict_fp32(False)  # the service's own setting
     body = {"prompt": "a red circle on the left of a blue square", "seed": 42, "response_format": "png"}
-    with ServerProcess({"CASCADE_DEVICE": device.type}) as server:
-        import httpx
-
-        t0 = time.perf_counter()
-        resp = httpx.post(f"{server.url}/v1/generate", json=body, timeout=120)
-        first = time.perf_counter() - t0
-        assert resp.status_code == 200, (resp.status_code, resp.text[:500])
-        http_img = torch.from_numpy(__import__("numpy").array(Image.open(io.BytesIO(resp.content)))).float()
-        t0 = time.perf_counter()
-        n_ok = sum(httpx.post(f"{server.url}/v1/generate", json={**body, "seed": s}, timeout=120).status_code == 200
-                   for s in range(8))
-        per_req = (time.perf_counter() - t0) / 8
-        metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
-        info = httpx.get(f"{server.url}/health/ready", timeout=10)
-    gpu_lines = [line for line in metrics.splitlines() if line.startswith("cascade_gpu_memory")]
     pipe = load_demo_pipeline(device="cpu")
-    p = GenerationParams.from_defaults(pipe.defaults, body["prompt"], seed=42)
-    cpu_img = pipe.generate([p]).results[0].images[0].permute(1, 2, 0).float()
-    diff = (http_img - cpu_img).abs()
-    rep.add("", f"### Built-in demo model over HTTP on {device.type}", "",
-            f"- first request 200 in {first:.2f} s, then {n_ok}/8 more 200s at {per_req * 1000:.0f} ms each "
-            "(sequential)",
-            f"- image vs the CPU pipeline's for the same request: max {diff.max():.0f}, mean {diff.mean():.3f} levels",
-            f"- /health/ready: {info.status_code} {info.text[:200]}",
-            f"- GPU memory gauges: {' ; '.join(gpu_lines) or 'NONE'}")
+    cpu_img = pipe.generate([GenerationParams.from_defaults(pipe.defaults, body["prompt"], seed=42)])
+    cpu_img = cpu_img.results[0].images[0].permute(1, 2, 0).float()
+    lines, images = [], {}
+    for graphs in ("true", "false"):
+        with ServerProcess({"CASCADE_DEVICE": device.type, "CASCADE_CUDA_GRAPHS": graphs}) as server:
+            t0 = time.perf_counter()
+            resp = httpx.post(f"{server.url}/v1/generate", json=body, timeout=120)
+            first = time.perf_counter() - t0
+            assert resp.status_code == 200, (resp.status_code, resp.text[:500])
+            images[graphs] = torch.from_numpy(np.array(Image.open(io.BytesIO(resp.content)))).float()
+            t0 = time.perf_counter()
+            n_ok = sum(httpx.post(f"{server.url}/v1/generate", json={**body, "seed": s}, timeout=120).status_code
+                       == 200 for s in range(8))
+            per_req = (time.perf_counter() - t0) / 8
+            metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+            info = httpx.get(f"{server.url}/health/ready", timeout=10).json().get("model")
+        gpu = [line for line in metrics.splitlines() if line.startswith("cascade_gpu_memory")]
+        diff = (images[graphs] - cpu_img).abs()
+        lines += [f"- CASCADE_CUDA_GRAPHS={graphs}: first request 200 in {first:.2f} s, then {n_ok}/8 more 200s at "
+                  f"{per_req * 1000:.0f} ms each (sequential); image vs the CPU pipeline's: max {diff.max():.0f}, "
+                  f"mean {diff.mean():.3f} levels",
+                  f"  - model: {info}", f"  - GPU memory gauges: {' ; '.join(gpu) or 'NONE'}"]
+    same = torch.equal(images["true"], images["false"])
+    rep.add("", f"### Built-in demo model over HTTP on {device.type}", "", *lines,
+            f"- image with graphs = image without: {'yes' if same else 'NO'}")
 
 
 # --------------------------------------------------------------------------------------------- speed
@@ -299,15 +303,27 @@ def bench_forward(rep: Report, device: torch.device, sizes: list[str], tiny: boo
                 with torch.autocast(device.type, torch.bfloat16):
                     return ref(x, r, **kw).sample
 
+            graphs = GraphCache()
+
+            def ours_graphed():
+                return graphs.run(ours_on, x, r, kw)
+
+            def ours_on(x_, r_, **kw_):
+                with torch.autocast(device.type, torch.bfloat16):
+                    return net(x_, r_, *kw_.values())
+
             with torch.inference_mode():
                 diff = rel(ours().float(), ref_autocast().float())
+                t_graph = time_cuda(ours_graphed, device, repeats)  # its 2 warm-ups: eager, then record
+                graph_same = torch.equal(ours_graphed(), ours())
                 t_ours = time_cuda(ours, device, repeats)
                 t_ref = time_cuda(ref_bf16, device, repeats)
                 t_ref_ac = time_cuda(ref_autocast, device, repeats)
                 t_ours2 = time_cuda(ours, device, repeats)  # second look at ours: the spread between runs
-            rows.append(f"| {name} | {t_ours * 1e3:.1f} / {t_ours2 * 1e3:.1f} | {t_ref * 1e3:.1f} | "
-                        f"{t_ref_ac * 1e3:.1f} | **{min(t_ours, t_ours2) / t_ref:.2f}** | "
-                        f"{min(t_ours, t_ours2) / t_ref_ac:.2f} | {diff:.1e} |")
+            rows.append(f"| {name} | {t_ours * 1e3:.1f} / {t_ours2 * 1e3:.1f} | {t_graph * 1e3:.1f} | "
+                        f"{t_ref * 1e3:.1f} | {t_ref_ac * 1e3:.1f} | {min(t_ours, t_ours2) / t_ref:.2f} | "
+                        f"{min(t_ours, t_ours2) / t_ref_ac:.2f} | **{t_graph / t_ref:.2f}** | "
+                        f"{'yes' if graph_same else 'NO'} | {diff:.1e} |")
             print(rows[-1], flush=True)
             del ref
         del stage_c, stage_b
@@ -315,9 +331,10 @@ def bench_forward(rep: Report, device: torch.device, sizes: list[str], tiny: boo
         if device.type == "cuda":
             torch.cuda.empty_cache()
     rep.add("", f"### One forward at a 1024x1024 image, bfloat16, median of {repeats} (ms)", "",
-            "| forward | ours (autocast), two runs | diffusers bf16 | diffusers autocast | ours / diffusers bf16 "
-            "| ours / diffusers autocast | max rel. diff vs diffusers autocast |",
-            "|---|---|---|---|---|---|---|", *rows)
+            "| forward | ours (autocast), two runs | ours, CUDA graph | diffusers bf16 | diffusers autocast "
+            "| ours / diffusers bf16 | ours / diffusers autocast | graph / diffusers bf16 | graph = eager "
+            "| max rel. diff vs diffusers autocast |",
+            "|---|---|---|---|---|---|---|---|---|---|", *rows)
 
 
 def clip_text_encoder(device: torch.device, tiny: bool) -> TextEncoder:
@@ -335,8 +352,25 @@ def clip_text_encoder(device: torch.device, tiny: bool) -> TextEncoder:
     return TextEncoder(tok, model, device=device, dtype=torch.bfloat16)
 
 
+def timed_runs(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, float]:
+    """(median seconds, peak GiB allocated) of ``repeats`` synchronised runs after one warm-up run."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    return statistics.median(times), peak
+
+
 def bench_pipeline(rep: Report, device: torch.device, sizes: list[str], tiny: bool, repeats: int) -> None:
-    """End to end at 1024x1024: ours vs diffusers' combined pipeline, same weights, batch 1 and 4."""
+    """End to end at 1024x1024: ours (eager and with CUDA graphs) vs diffusers' combined pipeline,
+    same weights, batch 1 and 4."""
     from diffusers import DDPMWuerstchenScheduler, StableCascadeCombinedPipeline
     from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel
 
@@ -353,8 +387,9 @@ def bench_pipeline(rep: Report, device: torch.device, sizes: list[str], tiny: bo
     rows = []
     for size in sizes:
         stage_c, stage_b = build_networks(size, device, tiny)
-        pipe = CascadePipeline(stage_c, stage_b, stage_a, text, device=device, dtype=torch.bfloat16,
-                               limits=Limits.for_models(a_cfg, stage_b.config, min_size=64, max_size=2048))
+        limits = Limits.for_models(a_cfg, stage_b.config, min_size=64, max_size=2048)
+        pipes = {graphs: CascadePipeline(stage_c, stage_b, stage_a, text, device=device, dtype=torch.bfloat16,
+                                         limits=limits, cuda_graphs=graphs) for graphs in (False, True)}
         ref = StableCascadeCombinedPipeline(
             tokenizer=text.tokenizer, text_encoder=text.model, decoder=diffusers_twin(stage_b),
             scheduler=DDPMWuerstchenScheduler(), vqgan=vq, prior_prior=diffusers_twin(stage_c),
@@ -366,12 +401,11 @@ def bench_pipeline(rep: Report, device: torch.device, sizes: list[str], tiny: bo
             reqs = [GenerationParams(prompt=p, seed=i, width=px, height=px, prior_steps=prior_steps,
                                      decoder_steps=decoder_steps, prior_guidance_scale=4.0,
                                      decoder_guidance_scale=1.0, cfg_rho=0.0) for i, p in enumerate(prompts)]
-            stage_times = {}
+            last = {}
 
-            def ours():
-                out = pipe.generate(reqs)
-                stage_times["t"] = out.timings
-                stage_times["finite"] = sum(not isinstance(r, NonFiniteOutput) for r in out.results)
+            def ours(graphs: bool) -> None:
+                out = pipes[graphs].generate(reqs)
+                last[graphs] = out
 
             def theirs():
                 ref(prompt=prompts, negative_prompt=[""] * batch, height=px, width=px,
@@ -380,37 +414,32 @@ def bench_pipeline(rep: Report, device: torch.device, sizes: list[str], tiny: bo
                     generator=[torch.Generator().manual_seed(i) for i in range(batch)], output_type="pt")
 
             with torch.inference_mode():
-                results = {}
-                for side, fn in (("ours", ours), ("diffusers", theirs), ("ours2", ours)):
-                    fn()  # warm-up
-                    if device.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats(device)
-                    ts = []
-                    for _ in range(repeats):
-                        sync(device)
-                        t0 = time.perf_counter()
-                        fn()
-                        sync(device)
-                        ts.append(time.perf_counter() - t0)
-                    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-                    results[side] = (statistics.median(ts), peak)
-            t = stage_times["t"]
-            ours_best = min(results["ours"][0], results["ours2"][0])
+                eager = timed_runs(lambda: ours(False), device, repeats)
+                graphed = timed_runs(lambda: ours(True), device, repeats)
+                diff = timed_runs(theirs, device, repeats)
+                eager2 = timed_runs(lambda: ours(False), device, repeats)
+            same = all(torch.equal(a.images, b.images) for a, b in
+                       zip(last[False].results, last[True].results, strict=True)
+                       if not isinstance(a, Exception) and not isinstance(b, Exception))
+            finite = sum(not isinstance(r, NonFiniteOutput) for r in last[True].results)
+            t = last[True].timings
+            best_eager = min(eager[0], eager2[0])
             rows.append(
-                f"| C {size} + B {size}, batch {batch} | {results['ours'][0]:.2f} / {results['ours2'][0]:.2f} | "
-                f"{results['diffusers'][0]:.2f} | **{ours_best / results['diffusers'][0]:.2f}** | "
-                f"{batch / ours_best:.2f} | {t.text:.3f} / {t.prior:.2f} / {t.decoder:.2f} / {t.vqgan:.2f} | "
-                f"{results['ours'][1]:.1f} / {results['diffusers'][1]:.1f} | {stage_times['finite']}/{batch} |")
+                f"| C {size} + B {size}, batch {batch} | {eager[0]:.2f} / {eager2[0]:.2f} | {graphed[0]:.2f} | "
+                f"{diff[0]:.2f} | {best_eager / diff[0]:.2f} | **{graphed[0] / diff[0]:.2f}** | "
+                f"{batch / graphed[0]:.2f} | {t.text:.3f} / {t.prior:.2f} / {t.decoder:.2f} / {t.vqgan:.2f} | "
+                f"{eager[1]:.1f} / {graphed[1]:.1f} / {diff[1]:.1f} | {finite}/{batch} | {'yes' if same else 'NO'} |")
             print(rows[-1], flush=True)
-        del pipe, ref, stage_c, stage_b
+        del pipes, ref, stage_c, stage_b
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     rep.add("", f"### End to end, {px}x{px}, Stage C {prior_steps} steps CFG 4 + Stage B {decoder_steps} steps "
             f"(no CFG) + Stage A, bfloat16, median of {repeats} (s)", "",
-            "| models | ours, two runs | diffusers | ours / diffusers | ours img/s | ours text / C / B / A (s) "
-            "| peak GiB ours / diffusers | finite images |",
-            "|---|---|---|---|---|---|---|---|", *rows)
+            "| models | ours eager, two runs | ours, CUDA graphs | diffusers | eager / diffusers "
+            "| graphs / diffusers | ours img/s (graphs) | ours text / C / B / A (s, graphs) "
+            "| peak GiB eager / graphs / diffusers | finite images | graphs = eager images |",
+            "|---|---|---|---|---|---|---|---|---|---|---|", *rows)
 
 
 def bench_load(rep: Report, device: torch.device, tiny: bool) -> None:

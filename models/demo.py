@@ -55,12 +55,17 @@ def read_demo_config(path: str | Path | None = None) -> dict[str, Any]:
 
 
 def load_demo_pipeline(
-    device: torch.device | str = "cpu", *, path: str | Path | None = None, dtype: torch.dtype | None = None
+    device: torch.device | str = "cpu",
+    *,
+    path: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    cuda_graphs: bool = True,
 ) -> CascadePipeline:
     """The demo model as a CascadePipeline, with the sampling defaults and size limits of its ``demo.json``.
 
     ``path``: another folder with the same layout (e.g. a fresh training output); default ``assets/demo-model``.
-    dtype None -> float32 on the CPU, bfloat16 on CUDA (as for real weights).
+    dtype None -> float32 on the CPU, bfloat16 on CUDA (as for real weights). ``cuda_graphs`` as in
+    ``CascadePipeline.from_snapshot``.
     """
     from models import weights
     from models.text import TextEncoder
@@ -92,4 +97,5 @@ def load_demo_pipeline(
         },
         device=device,
         dtype=dtype,
+        cuda_graphs=cuda_graphs,
     )

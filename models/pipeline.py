@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from models.config import StageAConfig, StageBConfig
+from models.cuda_graphs import GraphCache
 from models.request import (
     BatchOutput,
     GenerationParams,
@@ -114,9 +115,16 @@ class CascadePipeline:
         model_info: Mapping[str, str | bool] | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        cuda_graphs: bool = False,
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
+        # Stage C / Stage B forwards replayed as CUDA graphs (models/cuda_graphs.py); CUDA only.
+        self.graphs: dict[str, GraphCache] | None = (
+            {"prior": GraphCache(), "decoder": GraphCache()}
+            if cuda_graphs and self.device.type == "cuda"
+            else None
+        )
         self.stage_c = stage_c.to(self.device).eval().requires_grad_(False)
         self.stage_b = stage_b.to(self.device).eval().requires_grad_(False)
         self.stage_a = stage_a.to(self.device).eval().requires_grad_(False)
@@ -130,6 +138,7 @@ class CascadePipeline:
             "demo": False,
             "device": str(self.device),
             "dtype": str(dtype).removeprefix("torch."),
+            "cuda_graphs": self.graphs is not None,
             **(model_info or {}),
         }
 
@@ -142,11 +151,13 @@ class CascadePipeline:
         decoder_variant: str = "lite",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        cuda_graphs: bool = True,
     ) -> CascadePipeline:
         """Load a Stable Cascade snapshot directory, or several searched in order (official
         .safetensors files or diffusers folders, see ``weights.find_stage_files``), with the CLIP
         text tower from the first one that has ``text_encoder/`` + ``tokenizer/``. device None ->
-        CUDA if available; dtype None -> bfloat16 on CUDA, float32 on the CPU."""
+        CUDA if available; dtype None -> bfloat16 on CUDA, float32 on the CPU. ``cuda_graphs``:
+        replay the sampler's network forwards as CUDA graphs (no effect on the CPU)."""
         from models import weights  # safetensors + key conversion are only needed here
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -174,6 +185,7 @@ class CascadePipeline:
             },
             device=device,
             dtype=dtype,
+            cuda_graphs=cuda_graphs,
         )
 
     # ---- validation ----
@@ -359,17 +371,40 @@ class CascadePipeline:
             with self._autocast():
                 return model(x, r, **conditions).float()
 
-        return sample(
-            cfg_denoiser(forward, cond, uncond, scale, rho), x, logsnrs, generators, on_step
-        )
+        graphs = self._graph_cache(model)
+        net = forward if graphs is None else graphs.wrap(forward)
+        return sample(cfg_denoiser(net, cond, uncond, scale, rho), x, logsnrs, generators, on_step)
+
+    def clear_cuda_graphs(self) -> None:
+        """Release every recorded graph and its memory (e.g. after the device ran out of memory)."""
+        for cache in (self.graphs or {}).values():
+            cache.clear()
 
     # ---- helpers ----
 
-    def _autocast(self) -> torch.autocast:
-        """Autocast to the pipeline's dtype (bfloat16: official inference); a no-op for float32."""
-        return torch.autocast(
-            self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
-        )
+    def _graph_cache(self, model: nn.Module) -> GraphCache | None:
+        if self.graphs is None:
+            return None
+        if model is self.stage_c:
+            return self.graphs["prior"]
+        if model is self.stage_b:
+            return self.graphs["decoder"]
+        return None
+
+    @contextmanager
+    def _autocast(self) -> Iterator[None]:
+        """Autocast to the pipeline's dtype (bfloat16: official inference); a no-op for float32.
+
+        float32 on CUDA also turns cuDNN's TF32 convolutions off: they round inputs to 10 mantissa
+        bits, and which kernel runs depends on the batch size, so an image would depend on how many
+        others share its batch.
+        """
+        strict = self.device.type == "cuda" and self.dtype == torch.float32
+        with (
+            torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32),
+            torch.backends.cudnn.flags(enabled=True, allow_tf32=False) if strict else nullcontext(),
+        ):
+            yield
 
     @contextmanager
     def _timed(self, timings: StageTimings, stage: str) -> Iterator[None]:

@@ -103,7 +103,9 @@ def load_pipeline(settings: Settings) -> Pipeline:
             logger.warning(
                 "CASCADE_DTYPE=%s ignored: the built-in demo model runs in float32", settings.dtype
             )
-        return load_demo_pipeline(device=device, dtype=torch.float32)
+        return load_demo_pipeline(
+            device=device, dtype=torch.float32, cuda_graphs=settings.cuda_graphs
+        )
     from models.pipeline import CascadePipeline
 
     dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
@@ -113,6 +115,7 @@ def load_pipeline(settings: Settings) -> Pipeline:
         decoder_variant=settings.decoder_variant,
         device=device,
         dtype=dtype,
+        cuda_graphs=settings.cuda_graphs,
     )
 
 
@@ -151,6 +154,9 @@ class Engine:
                 return self.pipeline.generate(batch)
         except torch.OutOfMemoryError as exc:
             if self.device.type == "cuda":
+                clear = getattr(self.pipeline, "clear_cuda_graphs", None)
+                if clear is not None:
+                    clear()  # recorded graphs hold activation memory: give it back first
                 torch.cuda.empty_cache()
             images = sum(p.num_images for p in batch)
             raise OutOfMemory(

@@ -62,6 +62,11 @@ class Settings(BaseModel):
     dtype: Literal["auto", "bfloat16", "float32"] = Field(
         "auto", description="Weight dtype; auto is bfloat16 on CUDA and float32 on CPU."
     )
+    cuda_graphs: bool = Field(
+        True,
+        description="On a GPU, replay Stage B/C forwards as CUDA graphs (one per batch shape, "
+        "up to 4 per stage, each keeping its activation memory). No effect on the CPU.",
+    )
 
     max_queue_size: int = Field(
         32, ge=1, description="Jobs that may wait for the GPU; beyond it requests get 503 at once."

@@ -15,6 +15,7 @@ from models.common import (
     LN_EPS,
     LayerNorm2d,
     channels_last_weight,
+    clear_derived_weights,
     conv1x1,
     gen_r_embeddings,
     layer_norm_2d,
@@ -136,6 +137,13 @@ class StageB(nn.Module):
             nn.Conv2d(c0, cfg.c_out * cfg.patch_size**2, kernel_size=1),
             nn.PixelShuffle(cfg.patch_size),
         )
+
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.cuda()``, ``.bfloat16()``...: drop the weight caches of ``models.common`` first, so
+        that the tensors they were derived from (and the derived copies) are freed now, not at the next
+        forward (which on another device would never touch them)."""
+        clear_derived_weights(self)
+        return super()._apply(fn, recurse)
 
     def gen_c_embeddings(self, clip: Tensor) -> Tensor:
         """Pooled text ``[B, 1, c_clip]`` -> LN(view(clip_mapper(clip))) ``[B, c_clip_seq, c_cond]``."""

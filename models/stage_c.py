@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from models.common import (
     LN_EPS,
     LayerNorm2d,
+    clear_derived_weights,
     conv1x1,
     gen_r_embeddings,
     layer_norm_2d,
@@ -155,6 +156,13 @@ class StageC(nn.Module):
             nn.Conv2d(cfg.c_hidden[0], cfg.c_out * cfg.patch_size**2, kernel_size=1),
             nn.PixelShuffle(cfg.patch_size),
         )
+
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.cuda()``, ``.bfloat16()``...: drop the weight caches of ``models.common`` first, so
+        that the tensors they were derived from (and the derived copies) are freed now, not at the next
+        forward (which on another device would never touch them)."""
+        clear_derived_weights(self)
+        return super()._apply(fn, recurse)
 
     def gen_c_embeddings(
         self, clip_text: Tensor, clip_text_pooled: Tensor, clip_img: Tensor

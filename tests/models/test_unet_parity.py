@@ -238,6 +238,78 @@ def test_cached_conv_weights_follow_weight_changes(stage_b_pair) -> None:
     assert torch.equal(after, want) and torch.equal(again, want_again)
 
 
+needs_onednn_bf16 = pytest.mark.skipif(
+    common._reorder_linear_weight is None, reason="no oneDNN bfloat16 support on this CPU"
+)
+
+
+def derived_weight_keys(model: nn.Module) -> set[str]:
+    return {k for m in model.modules() for k in m.__dict__.get("_derived_weights", {})}
+
+
+@needs_onednn_bf16
+def test_prepacked_bf16_weights_follow_weight_changes(stage_b_pair) -> None:
+    """bf16 CPU linears reuse oneDNN-packed weights; new, edited or moved weights must refresh them."""
+    ours, _ = stage_b_pair
+    inputs = stage_b_inputs(1, 16, 16)
+    model = copy.deepcopy(ours).to(torch.bfloat16)
+    other = StageB(B_CFG).eval()
+    randomize_(other, seed=12)
+    other.to(torch.bfloat16)
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+    with torch.inference_mode(), bf16:
+        before = model(**inputs)  # fills the caches
+    assert any(k.startswith("onednn_bf16:") for k in derived_weight_keys(model))
+    model.load_state_dict(other.state_dict())
+    with torch.inference_mode(), bf16:
+        after, want = model(**inputs), other(**inputs)
+    model.to(torch.float32)
+    assert not derived_weight_keys(model)  # .to() drops the caches together with their sources
+    model.to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)  # in-place edit: version counters change
+        for p in other.parameters():
+            p.mul_(1.5)
+    with torch.inference_mode(), bf16:
+        again, want_again = model(**inputs), other(**inputs)
+        copied = copy.deepcopy(model)  # the packed tensors are not copied: the copy rebuilds its own
+        assert not derived_weight_keys(copied)
+        assert torch.equal(copied(**inputs), again)
+    assert rel_err(after.float(), before.float()) > 1e-2
+    assert torch.equal(after, want) and torch.equal(again, want_again)
+
+
+@needs_onednn_bf16
+def test_prepacked_bf16_weights_give_the_plain_results(stage_c_pair, monkeypatch) -> None:
+    ours, _ = stage_c_pair
+    inputs = stage_c_inputs(2, 6, 6)
+    model = copy.deepcopy(ours).to(torch.bfloat16)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        packed = model(**inputs)
+        monkeypatch.setattr(common, "PREPACK_BF16_WEIGHTS", False)
+        plain = model(**inputs)
+    assert rel_err(packed.float(), plain.float()) < 1e-2  # bit-identical in practice; bf16 rounding bar
+
+
+def test_cpu_bf16_attention_keeps_float32_scores(monkeypatch) -> None:
+    """The CPU bf16 attention: as accurate as SDPA's bf16 kernel, unaffected by autocast, chunked or not."""
+    g = torch.Generator().manual_seed(4)
+    B, nh, N, S, d = 2, 3, 37, 53, 16
+    qkv = torch.randn(B, N, 3, nh, d, generator=g).bfloat16()  # strided views, as the model passes them
+    q = qkv[:, :, 0].transpose(1, 2)
+    k = torch.randn(B, S, nh, d, generator=g).bfloat16().transpose(1, 2) * 3  # peaked softmax
+    v = torch.randn(B, S, nh, d, generator=g).bfloat16().transpose(1, 2)
+    want = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    got = common.attention(q, k, v)
+    assert got.dtype == torch.bfloat16 and got.shape == (B, nh, N, d)
+    assert rel_err(got.double(), want) < 2 * rel_err(sdpa.double(), want) + 1e-3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(common.attention(q, k, v), got)  # autocast would round the scores to bf16
+    monkeypatch.setattr(common, "_ATTN_SCORES_BYTES", 4 * B * nh * S * 8)  # 8 query rows per chunk
+    assert rel_err(common.attention(q, k, v).double(), want) < 2 * rel_err(sdpa.double(), want) + 1e-3
+
 def test_sca_condition_changes_output(stage_b_pair) -> None:
     ours, _ = stage_b_pair
     inputs = stage_b_inputs(2, 16, 16)

@@ -11,7 +11,7 @@ Before every measurement the file's pages are dropped from the page cache (fsync
 file only), so read and load start from the same cold-ish state. Targets: load+touch <= 1.5x read, and
 peak RSS - RSS before loading <= 1.2x the weights' bytes.
 
-    python bench/bench_load.py [--dir /tmp/x] [--keep] [--out docs/bench_load.md]
+    python bench/bench_load.py [--dir /tmp/x] [--keep] [--repeats N] [--out docs/bench_load.md]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import struct
 import subprocess
 import sys
@@ -212,6 +213,11 @@ def main() -> None:
     ap.add_argument(
         "--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "bench_load.md"
     )
+    ap.add_argument(
+        "--repeats", type=int, default=3,
+        help="read/load pairs per case (medians reported; the VM's disk speed varies between reads)",
+    )
+    ap.add_argument("--only", default="", help="run only the cases whose file name contains this")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -248,20 +254,31 @@ def main() -> None:
         reads: dict[Path, list[float]] = {}
         for stage, file_dtype, load_dtype in CASES:
             path = files[(stage, file_dtype)]
-            # Read time measured right before each load, in the same (evicted) state.
-            read = run_child("read", str(path))
-            reads.setdefault(path, []).append(read["read_s"])
-            load = run_child("load", stage, str(path), load_dtype)
+            if args.only not in path.name:
+                continue
+            pairs = []
+            for _ in range(args.repeats):
+                # Read time measured right before each load, in the same (evicted) state.
+                read = run_child("read", str(path))
+                pairs.append((read["read_s"], run_child("load", stage, str(path), load_dtype)))
+            load = {
+                **pairs[-1][1],
+                **{k: statistics.median(p[1][k] for p in pairs) for k in ("load_s", "touch_s", "cpu_s")},
+                "peak_rss": max(p[1]["peak_rss"] for p in pairs),
+                "rss_before": min(p[1]["rss_before"] for p in pairs),
+            }
             alloc_s = 0.0
             if load_dtype != file_dtype:  # a conversion writes new memory: measure that floor too
-                alloc_s = run_child("alloc", str(load["weight_bytes"]))["alloc_s"]
+                alloc_s = statistics.median(
+                    run_child("alloc", str(load["weight_bytes"]))["alloc_s"] for _ in range(args.repeats)
+                )
             rows.append(
                 {
                     "stage": stage,
                     "file": path.name,
                     "file_gb": path.stat().st_size / 1e9,
                     "load_dtype": load_dtype,
-                    "read_s": read["read_s"],
+                    "read_s": statistics.median(p[0] for p in pairs),
                     "alloc_s": alloc_s,
                     **load,
                 }
@@ -269,16 +286,17 @@ def main() -> None:
             r = rows[-1]
             print(
                 f"{path.name:32s} -> {load_dtype:8s} read {r['read_s']:.2f}s load {r['load_s']:.2f}s "
-                f"load+touch {r['touch_s']:.2f}s peak RSS {r['peak_rss'] / 1e9:.2f} GB",
+                f"load+touch {r['touch_s']:.2f}s peak RSS {r['peak_rss'] / 1e9:.2f} GB "
+                f"(reads {[round(p[0], 2) for p in pairs]}, load+touch {[round(p[1]['touch_s'], 2) for p in pairs]})",
                 flush=True,
             )
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    report(rows, args.out, load_before)
+    report(rows, args.out, load_before, args.repeats)
 
 
-def report(rows: list[dict], out: Path, load_before: tuple[float, float, float]) -> None:
+def report(rows: list[dict], out: Path, load_before: tuple[float, float, float], repeats: int) -> None:
     head = (
         "| file | GB | loaded as | read s | load() s | load+touch s | load CPU s | (load+touch)/read "
         "| fresh-memory floor s | (load+touch)/(read+floor) | peak RSS GB | weights GB | (peak-before)/weights |"
@@ -307,12 +325,13 @@ def report(rows: list[dict], out: Path, load_before: tuple[float, float, float])
     doc = f"""# Weight loading benchmark (`bench/bench_load.py`)
 
 Machine: {m["cpu"]}, {m["cores"]} cores, {m["memory"]} RAM, Linux {m["kernel"]}, Python {m["python"]},
-torch {m["torch"]}. The machine was shared with other jobs while this ran (1-minute load average
-{load_before[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on {m["cores"]} cores), so absolute times are
-noisy, CPU-bound work (dtype conversion) more than I/O; ratios compare measurements taken back to back on the same
-file.
+torch {m["torch"]}, {time.strftime("%d %b %Y %H:%M UTC", time.gmtime())}. 1-minute load average
+{load_before[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on {m["cores"]} cores; ratios compare
+measurements taken back to back on the same file.
 
-Method: random-weight official-format files for Stage C lite (1.03B parameters) and Stage B lite (0.70B) in
+Command: `python bench/bench_load.py --repeats {repeats}`.
+
+Method ({repeats} read/load pair(s) per row, medians): random-weight official-format files for Stage C lite (1.03B parameters) and Stage B lite (0.70B) in
 float32 and bfloat16 were written to a temporary directory (deleted afterwards). Each row is one fresh Python
 process. Before each measurement the file's pages were dropped from the page cache (fsync +
 `posix_fadvise(DONTNEED)` on that file only), so "read" (every byte read into a reused 16 MiB buffer) and the load
@@ -329,19 +348,20 @@ Result: **{"all met" if ok else "not all met"}**.
 
 Reading the table:
 - float32 file -> float32 and bf16 file -> bfloat16 need no conversion: the parameters are zero-copy views of the
-  memory-mapped file (read ahead with `posix_fadvise(WILLNEED)`), so `load()` is mostly building the network on
-  the meta device and validating keys/shapes, and the touch pulls in the remaining pages. Resident memory is the
-  file's pages, counted once (ratio 1.00).
+  memory-mapped file (`models.mapped_file`). `load()` maps every page in, in file order (`MADV_POPULATE_READ`
+  after a WILLNEED advice), so the model is resident when it returns and the touch finds little left to do;
+  resident memory is the file's pages, counted once (ratio 1.00). Creating the views through
+  `safetensors.safe_open(...).get_tensor` instead waited for the pages inside the storage slicing, one fault
+  at a time: 2.7-2.8x the read time for the bf16 files.
 - bf16 file -> float32 (the CPU default dtype for a bf16 file) converts every tensor once into new float32 memory,
-  twice the file's bytes. On this VM, memory the process has never touched is slow to hand out (host-side
-  faults, and the host was heavily loaded), so the conversion rows are bound by that, not by the file: the
-  "fresh-memory floor" column is a separate fresh process merely filling a buffer of the converted size, and
-  (load+touch)/(read+floor) compares against that floor. These rows do not meet the 1.5x-of-read target; a plain
-  read-into-a-staging-buffer-then-convert variant (tried while developing, same machine) was no faster, so the
-  cost is the new memory, not the mapping. To avoid it: load bf16 files as bfloat16 (zero-copy), or pick the
-  float32 files for float32 (`find_stage_files(prefer_bf16=False)`, the default).
+  twice the file's bytes, reading the file in order with safetensors' views after a WILLNEED advice (measured
+  ~25% faster for this path than converting from the populated views). The "fresh-memory floor" column is a
+  separate fresh process merely filling a buffer of the converted size: memory the process has never touched
+  is slow to hand out on this VM, so (load+touch)/(read+floor) is also given.
 - Peak RSS stays within 1.08x of the weights in every case: in the conversion rows the source mapping is dropped
   every 256 MiB of converted data so its pages do not stay resident next to the converted copy.
+- The VM's disk speed varies from read to read (0.4-2 s for the same 1.4 GB file seen in one session), which is
+  why each row is the median of several read/load pairs.
 """
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(doc)

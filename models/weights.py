@@ -14,12 +14,14 @@ How (lean and fast)
   left on meta (every parameter and buffer of these networks is in its checkpoint).
 - Every header is read and every key, shape and dtype kind is checked against the network BEFORE any tensor data
   is touched, so a bad file raises one ``CheckpointError`` and nothing is half-loaded.
-- Tensors come from ``safetensors.safe_open`` as zero-copy views of the memory-mapped file. When no conversion is
+- Tensors are zero-copy views of the memory-mapped file (``models.mapped_file``; safetensors' own views where
+  each is converted). When no conversion is
   needed (same dtype, CPU) the parameters ARE those views: pages are read on first use and no second copy ever
   exists (the mapping is private: writing to a parameter never touches the file; the file must not be truncated
   while the network lives, Hugging Face snapshots never rewrite a blob in place). Otherwise each tensor is
   converted once (dtype and/or device), and the file is re-mapped every ``_REMAP_BYTES`` so the pages already
-  converted leave the process's resident set. The whole file is read ahead first (``posix_fadvise(WILLNEED)``).
+  converted leave the process's resident set. The whole file is read ahead in the background (WILLNEED advice);
+  a file loaded as it is has all its pages mapped in file order before ``load`` returns.
 - ``load_state_dict(..., assign=True)`` installs the tensors as they are.
 
 dtype: None -> bfloat16 on CUDA, float32 on the CPU; float16 is refused (activations overflow in this model).
@@ -59,6 +61,7 @@ from models.infer_config import (
     infer_stage_b_config,
     infer_stage_c_config,
 )
+from models.mapped_file import MappedFile
 from models.previewer import Previewer
 from models.stage_a import StageA
 from models.stage_b import StageB
@@ -115,7 +118,8 @@ M = TypeVar("M", bound=nn.Module)
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """One tensor of a safetensors file: dtype, shape, byte range in the data section, and its file."""
+    """One tensor of a safetensors file: dtype, shape, the byte offset of its data in the file, and
+    the file."""
 
     dtype: torch.dtype
     shape: tuple[int, ...]
@@ -197,7 +201,7 @@ def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
                 f"{path}: file is truncated: tensor {key!r} ends at byte {data_start + end} but "
                 f"the file has {size} bytes (incomplete download?)"
             )
-        out[key] = TensorInfo(dtype, shape, begin, path)
+        out[key] = TensorInfo(dtype, shape, data_start + begin, path)
     return out
 
 
@@ -354,10 +358,10 @@ def _target_dtype(model_tensor: Tensor, float_dtype: torch.dtype) -> torch.dtype
 
 
 def _prefetch(file: Path) -> None:
-    """Ask the kernel to read the whole file ahead, in large sequential requests.
+    """Ask the kernel to read the whole file ahead, in large sequential requests (returns at once).
 
-    Without it, pages of the mapping arrive one fault at a time (the first page of every tensor as its view is
-    made, the rest on first use): thousands of small synchronous reads instead of one streaming read.
+    Without it, pages of the mapping arrive one fault at a time: thousands of small synchronous reads
+    instead of one streaming read.
     """
     if not hasattr(os, "posix_fadvise"):
         return
@@ -386,52 +390,67 @@ def _read_official(
         by_file.setdefault(info.file, []).append(key)
     for file, keys in by_file.items():
         keys.sort(key=lambda k: infos[k].start)
-        _prefetch(file)
         zero_copy = device.type == "cpu" and all(
             infos[k].dtype == _target_dtype(expected[k], float_dtype) for k in keys
         )
-        converted = 0
-        handle = None
         try:
-            for key in keys:
-                if handle is None:
-                    handle = safe_open(str(file), framework="pt")
-                view = handle.get_tensor(key)  # zero-copy view of the mapped file
-                if zero_copy:
-                    out[key] = view
-                    continue
-                # Converting (or copying, so that no view keeps this mapping alive): one new tensor per key.
-                out[key] = view.to(
-                    device=device, dtype=_target_dtype(expected[key], float_dtype), copy=True
-                )
-                converted += view.nbytes
-                del view
-                if converted >= _REMAP_BYTES:  # drop the mapping: its resident pages leave our RSS
-                    handle, converted = None, 0
+            if zero_copy:  # the parameters ARE the file's pages: map them all in, in file order
+                mapped = MappedFile(file, populate=True)
+                for key in keys:
+                    info = infos[key]
+                    out[key] = mapped.tensor(info.dtype, info.shape, info.start)
+            else:
+                out.update(_read_converted(file, keys, expected, device, float_dtype))
         except CheckpointError:
             raise
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:  # unreadable data
             raise CheckpointError(
                 f"{file}: cannot read tensor data ({type(e).__name__}: {e})"
             ) from None
-        finally:
-            handle = None
     return out
 
 
-def _read_views(infos: Mapping[str, TensorInfo]) -> dict[str, Tensor]:
-    """Zero-copy views of every tensor (for the diffusers path, whose key conversion needs them together)."""
+def _read_converted(
+    file: Path,
+    keys: Sequence[str],
+    expected: Mapping[str, Tensor],
+    device: torch.device,
+    float_dtype: torch.dtype,
+) -> dict[str, Tensor]:
+    """Each tensor of ``keys`` (in file order) converted once into new memory on ``device``."""
+    out: dict[str, Tensor] = {}
+    _prefetch(file)
+    converted = 0
+    handle = None
+    for key in keys:
+        if handle is None:
+            handle = safe_open(str(file), framework="pt")
+        view = handle.get_tensor(key)  # zero-copy view of the mapped file
+        # One new tensor per key (a copy even when the dtype matches, so no view keeps the mapping).
+        out[key] = view.to(device=device, dtype=_target_dtype(expected[key], float_dtype), copy=True)
+        converted += view.nbytes
+        del view
+        if converted >= _REMAP_BYTES:  # drop the mapping: its resident pages leave our RSS
+            handle, converted = None, 0
+    return out
+
+
+def _read_views(infos: Mapping[str, TensorInfo], populate: bool) -> dict[str, Tensor]:
+    """Zero-copy views of every tensor (for the diffusers path, whose key conversion needs them together).
+
+    ``populate``: the views will be the parameters as they are (no conversion follows): map every page
+    in now, in file order (see ``models.mapped_file``)."""
     out: dict[str, Tensor] = {}
     by_file: dict[Path, list[str]] = {}
     for key, info in infos.items():
         by_file.setdefault(info.file, []).append(key)
     for file, keys in by_file.items():
-        _prefetch(file)
         try:
-            with safe_open(str(file), framework="pt") as handle:
-                for key in sorted(keys, key=lambda k: infos[k].start):
-                    out[key] = handle.get_tensor(key)
-        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            mapped = MappedFile(file, populate=populate)
+            for key in sorted(keys, key=lambda k: infos[k].start):
+                info = infos[key]
+                out[key] = mapped.tensor(info.dtype, info.shape, info.start)
+        except (OSError, RuntimeError, ValueError) as e:
             raise CheckpointError(
                 f"{file}: cannot read tensor data ({type(e).__name__}: {e})"
             ) from None
@@ -615,8 +634,14 @@ def _load(
             state = _read_official(infos, expected, device, float_dtype)
         else:
             assert spec.keys_from_diffusers is not None
+            kept_as_is = device.type == "cpu" and all(
+                i.dtype == float_dtype or not i.dtype.is_floating_point for i in infos.values()
+            )
             state = _finalize(
-                spec.keys_from_diffusers(_read_views(infos)), expected, device, float_dtype
+                spec.keys_from_diffusers(_read_views(infos, populate=kept_as_is)),
+                expected,
+                device,
+                float_dtype,
             )
     except CheckpointError as e:
         message = str(e)

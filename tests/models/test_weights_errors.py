@@ -48,6 +48,7 @@ def no_data_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             f"tensor data of {path} was opened before the checkpoint was validated"
         )
 
+    monkeypatch.setattr(weights, "MappedFile", forbidden)
     monkeypatch.setattr(weights, "safe_open", forbidden)
     return calls
 

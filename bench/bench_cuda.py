@@ -43,16 +43,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from models import convert  # noqa: E402
-from models.config import StageAConfig, StageBConfig, StageCConfig  # noqa: E402
-from models.cuda_graphs import GraphCache  # noqa: E402
-from models.pipeline import CascadePipeline, Limits  # noqa: E402
-from models.request import GenerationParams, NonFiniteOutput  # noqa: E402
-from models.stage_a import StageA  # noqa: E402
-from models.stage_b import StageB  # noqa: E402
-from models.stage_c import StageC  # noqa: E402
-from models.text import TextEncoder, build_byte_tokenizer  # noqa: E402
-from models.tiny import build_tiny_pipeline  # noqa: E402
+from models import convert
+from models.config import StageAConfig, StageBConfig, StageCConfig
+from models.cuda_graphs import GraphCache
+from models.pipeline import CascadePipeline, Limits
+from models.request import GenerationParams, NonFiniteOutput
+from models.stage_a import StageA
+from models.stage_b import StageB
+from models.stage_c import StageC
+from models.text import TextEncoder, build_byte_tokenizer
+from models.tiny import build_tiny_pipeline
 
 
 class Report:

@@ -17,12 +17,8 @@ import argparse
 import asyncio
 import os
 import platform
-import signal
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from server_process import ServerProcess
 
 from models.request import GenerationParams
 from models.tiny import build_tiny_pipeline
@@ -57,46 +55,10 @@ def machine() -> str:
     )
 
 
-class Server:
-    """`python -m service` with the tiny model on a free loopback port."""
-
-    def __init__(self, **settings: str) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CASCADE_")}
-        env.update({f"CASCADE_{k.upper()}": v for k, v in settings.items()})
-        env.update(CASCADE_PORT=str(self.port), CASCADE_LOG_LEVEL="warning", PYTHONPATH=str(ROOT))
-        self.url = f"http://127.0.0.1:{self.port}"
-        # the access log writes a line per request: keep it out of the table, in a file
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="bench_service_", suffix=".log")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=self.log, stderr=self.log
-        )
-
-    def __enter__(self) -> Server:
-        until = time.monotonic() + 300
-        while time.monotonic() < until:
-            if self.proc.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read()}")
-            try:
-                if httpx.get(self.url + "/health/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.__exit__()
-        raise RuntimeError("server not ready in 300 s")
-
-    def __exit__(self, *exc: object) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+def server(**settings: str) -> ServerProcess:
+    """`python -m service` (the built-in model) on a free loopback port; ``settings`` are CASCADE_* values
+    by lower-case name (``max_batch_images="1"``)."""
+    return ServerProcess({f"CASCADE_{k.upper()}": v for k, v in settings.items()}, ready_timeout_s=300)
 
 
 def body(i: int) -> dict[str, object]:
@@ -284,10 +246,10 @@ def main() -> None:
     torch.set_num_threads(args.torch_threads)
     threads = str(args.torch_threads)
     with (
-        Server(
+        server(
             max_batch_images="16", max_batch_wait_ms="2", max_queue_size="64", torch_threads=threads
         ) as on,
-        Server(max_batch_images="1", max_queue_size="64", torch_threads=threads) as off,
+        server(max_batch_images="1", max_queue_size="64", torch_threads=threads) as off,
     ):
         urls = {OFF: off.url, ON: on.url}
         latencies = overhead(urls, args.overhead_runs)

@@ -176,6 +176,17 @@ def clear_derived_weights(model: nn.Module) -> None:
         m.__dict__.pop("_derived_weights", None)
 
 
+class CachedWeightsModule(nn.Module):
+    """Base of the networks whose blocks cache derived weights (``_cached_derived``): ``.to()``,
+    ``.cuda()``, ``.bfloat16()``... drop the caches first, so that the tensors they were derived from
+    (and the derived copies) are freed now, not at the next forward (which on another device would never
+    touch them)."""
+
+    def _apply(self, fn, recurse=True):
+        clear_derived_weights(self)
+        return super()._apply(fn, recurse)
+
+
 def channels_last_weight(conv: nn.Conv2d | nn.ConvTranspose2d) -> Tensor:
     """``conv.weight`` in channels_last memory, cached on the module while the weight is unchanged.
 

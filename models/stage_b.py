@@ -13,9 +13,9 @@ from torch import Tensor, nn
 
 from models.common import (
     LN_EPS,
+    CachedWeightsModule,
     LayerNorm2d,
     channels_last_weight,
-    clear_derived_weights,
     conv1x1,
     gen_r_embeddings,
     layer_norm_2d,
@@ -41,7 +41,7 @@ def _run_mapper(mapper: nn.Sequential, x: Tensor) -> Tensor:
     return layer_norm_2d(conv1x1(conv1x1(x, mapper[0], gelu=True), mapper[2]))
 
 
-class StageB(nn.Module):
+class StageB(CachedWeightsModule):
     """Stage B decoder. ``forward(x, r, effnet, clip, pixels=None) -> eps``.
 
     Shapes: ``x [B, c_in, H, W]`` with H, W even (the Stage A latent, 256 x 256 at 1024 px), ``r [B]``,
@@ -137,13 +137,6 @@ class StageB(nn.Module):
             nn.Conv2d(c0, cfg.c_out * cfg.patch_size**2, kernel_size=1),
             nn.PixelShuffle(cfg.patch_size),
         )
-
-    def _apply(self, fn, recurse=True):
-        """``.to()``, ``.cuda()``, ``.bfloat16()``...: drop the weight caches of ``models.common`` first, so
-        that the tensors they were derived from (and the derived copies) are freed now, not at the next
-        forward (which on another device would never touch them)."""
-        clear_derived_weights(self)
-        return super()._apply(fn, recurse)
 
     def gen_c_embeddings(self, clip: Tensor) -> Tensor:
         """Pooled text ``[B, 1, c_clip]`` -> LN(view(clip_mapper(clip))) ``[B, c_clip_seq, c_cond]``."""

@@ -13,8 +13,8 @@ from torch import Tensor, nn
 
 from models.common import (
     LN_EPS,
+    CachedWeightsModule,
     LayerNorm2d,
-    clear_derived_weights,
     conv1x1,
     gen_r_embeddings,
     layer_norm_2d,
@@ -58,7 +58,7 @@ class UpDownBlock2d(nn.Module):
         return conv1x1(self._resample(x), self.blocks[1])
 
 
-class StageC(nn.Module):
+class StageC(CachedWeightsModule):
     """Stage C prior. ``forward(x, r, clip_text, clip_text_pooled, clip_img) -> eps``.
 
     Shapes: ``x [B, c_in, h, w]`` (16 x 24 x 24 at 1024 px), ``r [B]`` in [0, 1],
@@ -156,13 +156,6 @@ class StageC(nn.Module):
             nn.Conv2d(cfg.c_hidden[0], cfg.c_out * cfg.patch_size**2, kernel_size=1),
             nn.PixelShuffle(cfg.patch_size),
         )
-
-    def _apply(self, fn, recurse=True):
-        """``.to()``, ``.cuda()``, ``.bfloat16()``...: drop the weight caches of ``models.common`` first, so
-        that the tensors they were derived from (and the derived copies) are freed now, not at the next
-        forward (which on another device would never touch them)."""
-        clear_derived_weights(self)
-        return super()._apply(fn, recurse)
 
     def gen_c_embeddings(
         self, clip_text: Tensor, clip_text_pooled: Tensor, clip_img: Tensor

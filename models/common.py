@@ -13,7 +13,7 @@ Module and parameter names reproduce the official checkpoints' ``state_dict`` ke
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -602,6 +602,72 @@ def run_level(
         if j < len(repeat_mappers):
             x = conv1x1(x, repeat_mappers[j])
     return x
+
+
+def add_levels(
+    net: nn.Module,
+    cfg: Any,
+    downscaler: Callable[[int], nn.Module],
+    upscaler: Callable[[int], nn.Module],
+) -> None:
+    """Give ``net`` the U-Net levels of a Stage B / Stage C config, as attributes in the official
+    state_dict order: down_blocks, down_downscalers, down_repeat_mappers, up_blocks, up_upscalers,
+    up_repeat_mappers.
+
+    ``downscaler(i)`` is the module entering level i from level i - 1, ``upscaler(i)`` the one leaving
+    level i upwards (i >= 1; level 0 has ``nn.Identity`` for both). The up path lists levels deepest
+    first: up index u is level n-1-u, and ``blocks[1]`` / ``block_repeat[1]`` follow that order.
+    """
+    n = len(cfg.c_hidden)
+    kw = level_block_kwargs(cfg, n)
+    net.down_blocks = nn.ModuleList()
+    net.down_downscalers = nn.ModuleList()
+    net.down_repeat_mappers = nn.ModuleList()
+    for i in range(n):
+        net.down_downscalers.append(nn.Identity() if i == 0 else downscaler(i))
+        net.down_blocks.append(
+            make_level(cfg.blocks[0][i], cfg.level_config[i], cfg.c_hidden[i], **kw[i])
+        )
+        net.down_repeat_mappers.append(_repeat_mappers(cfg.c_hidden[i], cfg.block_repeat[0][i]))
+    net.up_blocks = nn.ModuleList()
+    net.up_upscalers = nn.ModuleList()
+    net.up_repeat_mappers = nn.ModuleList()
+    for u, i in enumerate(reversed(range(n))):
+        net.up_upscalers.append(nn.Identity() if i == 0 else upscaler(i))
+        skip = cfg.c_hidden[i] if i < n - 1 else 0
+        net.up_blocks.append(
+            make_level(
+                cfg.blocks[1][u], cfg.level_config[i], cfg.c_hidden[i], skip_first=skip, **kw[i]
+            )
+        )
+        net.up_repeat_mappers.append(_repeat_mappers(cfg.c_hidden[i], cfg.block_repeat[1][u]))
+
+
+def _repeat_mappers(c: int, repeats: int) -> nn.ModuleList:
+    """The 1x1 convs between a level's ``repeats`` passes."""
+    return nn.ModuleList(nn.Conv2d(c, c, 1) for _ in range(repeats - 1))
+
+
+def run_levels(net: nn.Module, h: Tensor, r_embed: Tensor, clip_act: Tensor) -> Tensor:
+    """The U-Net body over ``add_levels``' modules. ``h: [B, c_hidden[0], H, W]`` -> the same shape.
+
+    Down: scaler, then the level; every level's output is kept. Up: the level (with the kept output of
+    its depth as skip, except the deepest), then the scaler.
+    """
+    level_outputs: list[Tensor] = []
+    for blocks, downscaler, repmap in zip(
+        net.down_blocks, net.down_downscalers, net.down_repeat_mappers
+    ):
+        h = run_level(blocks, repmap, downscaler(h), r_embed, clip_act)
+        level_outputs.insert(0, h)  # index 0 = deepest level
+    h = level_outputs[0]
+    for u, (blocks, upscaler, repmap) in enumerate(
+        zip(net.up_blocks, net.up_upscalers, net.up_repeat_mappers)
+    ):
+        # The skip is re-concatenated on every repeat pass (run_level); sizes are reconciled there.
+        skip = level_outputs[u] if u > 0 else None
+        h = upscaler(run_level(blocks, repmap, h, r_embed, clip_act, skip=skip))
+    return h
 
 
 def per_level(value: float | bool | Sequence, n_levels: int, name: str) -> tuple:

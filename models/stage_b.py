@@ -15,15 +15,14 @@ from models.common import (
     LN_EPS,
     CachedWeightsModule,
     LayerNorm2d,
+    add_levels,
     channels_last_weight,
     conv1x1,
     gen_r_embeddings,
     layer_norm_2d,
-    level_block_kwargs,
     linear_module,
-    make_level,
     resize_bilinear,
-    run_level,
+    run_levels,
     to_channels_last,
 )
 from models.config import StageBConfig
@@ -39,6 +38,20 @@ def _mapper(c_in: int, c: int) -> nn.Sequential:
 def _run_mapper(mapper: nn.Sequential, x: Tensor) -> Tensor:
     """``x: [B, c_in, H, W]`` (channels_last) -> ``[B, c, H, W]`` through a ``_mapper``."""
     return layer_norm_2d(conv1x1(conv1x1(x, mapper[0], gelu=True), mapper[2]))
+
+
+class _Resample2x2(nn.Sequential):
+    """A level switch of Stage B: LN2d (key ``0``, no parameters), then the stride-2 2x2 Conv2d down or
+    ConvTranspose2d up (key ``1``), with its weight in channels_last (cached). ``[B, c_in, H, W]`` ->
+    ``[B, c_out, H / 2, W / 2]`` (down) or ``[B, c_out, 2H, 2W]`` (up)."""
+
+    def __init__(self, conv: nn.Conv2d | nn.ConvTranspose2d) -> None:
+        super().__init__(LayerNorm2d(), conv)
+
+    def forward(self, x: Tensor) -> Tensor:
+        conv = self[1]
+        op = F.conv_transpose2d if isinstance(conv, nn.ConvTranspose2d) else F.conv2d
+        return op(layer_norm_2d(x), channels_last_weight(conv), conv.bias, stride=2)
 
 
 class StageB(CachedWeightsModule):
@@ -75,63 +88,17 @@ class StageB(CachedWeightsModule):
             LayerNorm2d(),
         )
 
-        kw = level_block_kwargs(cfg, n)
-
-        # Attribute order = official state_dict order.
-        self.down_blocks = nn.ModuleList()
-        self.down_downscalers = nn.ModuleList()
-        self.down_repeat_mappers = nn.ModuleList()
-        for i in range(n):
-            if i == 0:
-                self.down_downscalers.append(nn.Identity())
-            else:  # stride-2 2x2 conv: the only spatial downsampling
-                self.down_downscalers.append(
-                    nn.Sequential(
-                        LayerNorm2d(),
-                        nn.Conv2d(cfg.c_hidden[i - 1], cfg.c_hidden[i], kernel_size=2, stride=2),
-                    )
-                )
-            self.down_blocks.append(
-                make_level(cfg.blocks[0][i], cfg.level_config[i], cfg.c_hidden[i], **kw[i])
-            )
-            self.down_repeat_mappers.append(
-                nn.ModuleList(
-                    nn.Conv2d(cfg.c_hidden[i], cfg.c_hidden[i], 1)
-                    for _ in range(cfg.block_repeat[0][i] - 1)
-                )
-            )
-
-        self.up_blocks = nn.ModuleList()
-        self.up_upscalers = nn.ModuleList()
-        self.up_repeat_mappers = nn.ModuleList()
-        for i in reversed(
-            range(n)
-        ):  # up index u <-> level n-1-u; blocks[1] / block_repeat[1] deepest first
-            u = n - 1 - i
-            if i == 0:
-                self.up_upscalers.append(nn.Identity())
-            else:  # ConvTranspose weight is [c_in, c_out, 2, 2] (in-channels first)
-                self.up_upscalers.append(
-                    nn.Sequential(
-                        LayerNorm2d(),
-                        nn.ConvTranspose2d(
-                            cfg.c_hidden[i], cfg.c_hidden[i - 1], kernel_size=2, stride=2
-                        ),
-                    )
-                )
-            skip = cfg.c_hidden[i] if i < n - 1 else 0
-            self.up_blocks.append(
-                make_level(
-                    cfg.blocks[1][u], cfg.level_config[i], cfg.c_hidden[i], skip_first=skip, **kw[i]
-                )
-            )
-            self.up_repeat_mappers.append(
-                nn.ModuleList(
-                    nn.Conv2d(cfg.c_hidden[i], cfg.c_hidden[i], 1)
-                    for _ in range(cfg.block_repeat[1][u] - 1)
-                )
-            )
-
+        add_levels(
+            self,
+            cfg,
+            downscaler=lambda i: _Resample2x2(
+                nn.Conv2d(cfg.c_hidden[i - 1], cfg.c_hidden[i], 2, stride=2)
+            ),
+            # ConvTranspose weight is [c_in, c_out, 2, 2] (in-channels first)
+            upscaler=lambda i: _Resample2x2(
+                nn.ConvTranspose2d(cfg.c_hidden[i], cfg.c_hidden[i - 1], 2, stride=2)
+            ),
+        )
         self.clf = nn.Sequential(
             LayerNorm2d(),
             nn.Conv2d(c0, cfg.c_out * cfg.patch_size**2, kernel_size=1),
@@ -214,27 +181,6 @@ class StageB(CachedWeightsModule):
                 )
             )
 
-        level_outputs: list[Tensor] = []
-        for blocks, downscaler, repmap in zip(
-            self.down_blocks, self.down_downscalers, self.down_repeat_mappers
-        ):
-            if not isinstance(downscaler, nn.Identity):  # LN2d, then the stride-2 2x2 conv
-                conv = downscaler[1]
-                h = F.conv2d(layer_norm_2d(h), channels_last_weight(conv), conv.bias, stride=2)
-            h = run_level(blocks, repmap, h, r_embed, clip_act)
-            level_outputs.insert(0, h)  # index 0 = deepest level
-
-        h = level_outputs[0]
-        for u, (blocks, upscaler, repmap) in enumerate(
-            zip(self.up_blocks, self.up_upscalers, self.up_repeat_mappers)
-        ):
-            # The skip is re-concatenated on every repeat pass (run_level); sizes are reconciled there.
-            h = run_level(
-                blocks, repmap, h, r_embed, clip_act, skip=level_outputs[u] if u > 0 else None
-            )
-            if not isinstance(upscaler, nn.Identity):  # LN2d, then the stride-2 2x2 ConvTranspose
-                conv = upscaler[1]
-                h = F.conv_transpose2d(layer_norm_2d(h), channels_last_weight(conv), conv.bias, stride=2)
-
+        h = run_levels(self, h, r_embed, clip_act)
         h = conv1x1(layer_norm_2d(h), self.clf[1])
         return self.clf[2](h.contiguous())

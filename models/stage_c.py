@@ -15,13 +15,12 @@ from models.common import (
     LN_EPS,
     CachedWeightsModule,
     LayerNorm2d,
+    add_levels,
     conv1x1,
     gen_r_embeddings,
     layer_norm_2d,
-    level_block_kwargs,
     linear_module,
-    make_level,
-    run_level,
+    run_levels,
     to_channels_last,
 )
 from models.config import StageCConfig
@@ -92,65 +91,20 @@ class StageC(CachedWeightsModule):
             LayerNorm2d(),
         )
 
-        kw = level_block_kwargs(cfg, n)
-
-        # Attribute order = official state_dict order.
-        self.down_blocks = nn.ModuleList()
-        self.down_downscalers = nn.ModuleList()
-        self.down_repeat_mappers = nn.ModuleList()
-        for i in range(n):
-            if i == 0:
-                self.down_downscalers.append(nn.Identity())
-            else:
-                self.down_downscalers.append(
-                    nn.Sequential(
-                        LayerNorm2d(),
-                        UpDownBlock2d(
-                            cfg.c_hidden[i - 1], cfg.c_hidden[i], "down", cfg.switch_level[i - 1]
-                        ),
-                    )
-                )
-            self.down_blocks.append(
-                make_level(cfg.blocks[0][i], cfg.level_config[i], cfg.c_hidden[i], **kw[i])
-            )
-            self.down_repeat_mappers.append(
-                nn.ModuleList(
-                    nn.Conv2d(cfg.c_hidden[i], cfg.c_hidden[i], 1)
-                    for _ in range(cfg.block_repeat[0][i] - 1)
-                )
-            )
-
-        self.up_blocks = nn.ModuleList()
-        self.up_upscalers = nn.ModuleList()
-        self.up_repeat_mappers = nn.ModuleList()
-        for i in reversed(
-            range(n)
-        ):  # up index u <-> level n-1-u; blocks[1] / block_repeat[1] deepest first
-            u = n - 1 - i
-            if i == 0:
-                self.up_upscalers.append(nn.Identity())
-            else:
-                self.up_upscalers.append(
-                    nn.Sequential(
-                        LayerNorm2d(),
-                        UpDownBlock2d(
-                            cfg.c_hidden[i], cfg.c_hidden[i - 1], "up", cfg.switch_level[i - 1]
-                        ),
-                    )
-                )
-            skip = cfg.c_hidden[i] if i < n - 1 else 0
-            self.up_blocks.append(
-                make_level(
-                    cfg.blocks[1][u], cfg.level_config[i], cfg.c_hidden[i], skip_first=skip, **kw[i]
-                )
-            )
-            self.up_repeat_mappers.append(
-                nn.ModuleList(
-                    nn.Conv2d(cfg.c_hidden[i], cfg.c_hidden[i], 1)
-                    for _ in range(cfg.block_repeat[1][u] - 1)
-                )
-            )
-
+        add_levels(
+            self,
+            cfg,
+            downscaler=lambda i: nn.Sequential(
+                LayerNorm2d(),
+                UpDownBlock2d(
+                    cfg.c_hidden[i - 1], cfg.c_hidden[i], "down", cfg.switch_level[i - 1]
+                ),
+            ),
+            upscaler=lambda i: nn.Sequential(
+                LayerNorm2d(),
+                UpDownBlock2d(cfg.c_hidden[i], cfg.c_hidden[i - 1], "up", cfg.switch_level[i - 1]),
+            ),
+        )
         self.clf = nn.Sequential(
             LayerNorm2d(),
             nn.Conv2d(cfg.c_hidden[0], cfg.c_out * cfg.patch_size**2, kernel_size=1),
@@ -217,22 +171,6 @@ class StageC(CachedWeightsModule):
         x = to_channels_last(self.embedding[0](x))
         x = layer_norm_2d(conv1x1(x, self.embedding[1]))
 
-        level_outputs: list[Tensor] = []
-        for blocks, downscaler, repmap in zip(
-            self.down_blocks, self.down_downscalers, self.down_repeat_mappers
-        ):
-            x = downscaler(x)
-            x = run_level(blocks, repmap, x, r_embed, clip_act)
-            level_outputs.insert(0, x)  # index 0 = deepest level
-
-        x = level_outputs[0]
-        for u, (blocks, upscaler, repmap) in enumerate(
-            zip(self.up_blocks, self.up_upscalers, self.up_repeat_mappers)
-        ):
-            x = run_level(
-                blocks, repmap, x, r_embed, clip_act, skip=level_outputs[u] if u > 0 else None
-            )
-            x = upscaler(x)
-
+        x = run_levels(self, x, r_embed, clip_act)
         x = conv1x1(layer_norm_2d(x), self.clf[1])
         return self.clf[2](x.contiguous())

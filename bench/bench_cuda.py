@@ -51,7 +51,7 @@ from models.request import GenerationParams, NonFiniteOutput
 from models.stage_a import StageA
 from models.stage_b import StageB
 from models.stage_c import StageC
-from models.text import TextEncoder, build_byte_tokenizer
+from models.text import TextEncoder, build_byte_tokenizer, random_clip_text_model
 from models.tiny import build_tiny_pipeline
 
 
@@ -339,16 +339,11 @@ def bench_forward(rep: Report, device: torch.device, sizes: list[str], tiny: boo
 
 def clip_text_encoder(device: torch.device, tiny: bool) -> TextEncoder:
     """A random CLIP text tower of ViT-bigG/14's size (1280 wide, 32 layers) with the offline tokenizer."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
     tok = build_byte_tokenizer()
     width, layers, heads = (32, 2, 4) if tiny else (1280, 32, 20)
-    cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=width, projection_dim=width,
-                         intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads,
-                         max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    with torch.device(device):
-        model = CLIPTextModelWithProjection(cfg)
+    model = random_clip_text_model(
+        tok, width=width, layers=layers, heads=heads, mlp=4 * width, seed=0, hidden_act="gelu"
+    )
     return TextEncoder(tok, model, device=device, dtype=torch.bfloat16)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -69,6 +69,38 @@ def build_byte_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
         pad_token=EOS,
         unk_token=EOS,
     )
+
+
+def random_clip_text_model(
+    tokenizer: CLIPTokenizer,
+    *,
+    width: int,
+    layers: int,
+    heads: int,
+    mlp: int,
+    seed: int,
+    hidden_act: str = "quick_gelu",
+) -> CLIPTextModelWithProjection:
+    """A randomly initialised CLIP text tower for ``tokenizer`` (its vocabulary and special ids), 77
+    positions, projection as wide as the tower. The same ``seed`` gives the same weights; transformers
+    initialises from the global RNG, which is forked, so the caller's RNG state is left alone."""
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        projection_dim=width,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        hidden_act=hidden_act,
+        layer_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CLIPTextModelWithProjection(config)
 
 
 class TextEncoder:

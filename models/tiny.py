@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from models.config import StageAConfig, StageBConfig, StageCConfig
 from models.pipeline import CascadePipeline, Limits
@@ -18,7 +17,7 @@ from models.request import SamplingDefaults
 from models.stage_a import StageA
 from models.stage_b import StageB
 from models.stage_c import StageC
-from models.text import TextEncoder, build_byte_tokenizer
+from models.text import TextEncoder, build_byte_tokenizer, random_clip_text_model
 
 # Small enough for a 2-core CPU (a 128 px image in well under a second); official guidance, shift
 # and rho.
@@ -41,24 +40,7 @@ def build_tiny_text_encoder(
 ) -> TextEncoder:
     """Byte tokenizer + CLIPTextModelWithProjection (width 32, projection 32, 4 heads)."""
     tokenizer = build_byte_tokenizer()
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        projection_dim=32,
-        intermediate_size=64,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        layer_norm_eps=1e-5,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    # transformers initialises from the global RNG: fork it, so building a model leaves the caller's
-    # RNG state alone.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIPTextModelWithProjection(config)
+    model = random_clip_text_model(tokenizer, width=32, layers=num_layers, heads=4, mlp=64, seed=seed)
     return TextEncoder(tokenizer, model, device=device)
 
 

@@ -11,10 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from itertools import pairwise
 
-import torch
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-from models.text import BOS, EOS, TextEncoder, build_byte_tokenizer
+from models.text import BOS, EOS, TextEncoder, build_byte_tokenizer, random_clip_text_model
 
 TEXT_SEED = 0
 
@@ -75,22 +74,7 @@ def build_word_tokenizer(words: Sequence[str], model_max_length: int = 77) -> CL
 
 def build_text_model(tokenizer: CLIPTokenizer, seed: int = TEXT_SEED) -> CLIPTextModelWithProjection:
     """The frozen random text tower (hidden 64, 2 layers, 4 heads, MLP 128, projection 64), from ``seed``."""
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        projection_dim=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        layer_norm_eps=1e-5,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIPTextModelWithProjection(config)
+    model = random_clip_text_model(tokenizer, width=64, layers=2, heads=4, mlp=128, seed=seed)
     return model.eval().requires_grad_(False)
 
 

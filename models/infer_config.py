@@ -404,6 +404,26 @@ def _variant(inferred, presets: Mapping[str, object]) -> str:
     return "custom"
 
 
+# Per official kind: how describe_checkpoint names it, and (Stage B / C) how to tell its variant.
+_NAMES = {
+    "stage_c": "a Stage C (prior) checkpoint",
+    "stage_b": "a Stage B (decoder) checkpoint",
+    "stage_a": "a Stage A (VQGAN) checkpoint",
+    "effnet": "an EfficientNet encoder checkpoint",
+    "previewer": "a Previewer checkpoint",
+}
+_VARIANTS = {
+    "stage_c": (
+        infer_stage_c_config,
+        {"big, 3.6B": StageCConfig.big, "lite, 1B": StageCConfig.lite, "tiny": StageCConfig.tiny},
+    ),
+    "stage_b": (
+        infer_stage_b_config,
+        {"big, 1.5B": StageBConfig.big, "lite, 700M": StageBConfig.lite, "tiny": StageBConfig.tiny},
+    ),
+}
+
+
 def describe_checkpoint(shapes: Shapes) -> str:
     """What a state dict looks like, for error messages: e.g. 'a Stage B checkpoint (lite, 700M)'."""
     keys = set(shapes)
@@ -412,44 +432,20 @@ def describe_checkpoint(shapes: Shapes) -> str:
         return (
             f"a diffusers StableCascadeUNet weights file ({kind}); load its folder with config.json"
         )
-    if "clip_txt_mapper.weight" in keys:
-        try:
-            cfg = infer_stage_c_config(shapes)
-            variant = _variant(
-                cfg,
-                {
-                    "big, 3.6B": StageCConfig.big(),
-                    "lite, 1B": StageCConfig.lite(),
-                    "tiny": StageCConfig.tiny(),
-                },
-            )
-        except CheckpointError:
-            variant = "unreadable structure"
-        return f"a Stage C (prior) checkpoint ({variant})"
-    if "clip_mapper.weight" in keys or "effnet_mapper.0.weight" in keys:
-        try:
-            cfg = infer_stage_b_config(shapes)
-            variant = _variant(
-                cfg,
-                {
-                    "big, 1.5B": StageBConfig.big(),
-                    "lite, 700M": StageBConfig.lite(),
-                    "tiny": StageBConfig.tiny(),
-                },
-            )
-        except CheckpointError:
-            variant = "unreadable structure"
-        return f"a Stage B (decoder) checkpoint ({variant})"
-    if "vquantizer.codebook.weight" in keys:
-        return "a Stage A (VQGAN) checkpoint"
     if "vquantizer.embedding.weight" in keys:
         return "a diffusers PaellaVQModel (Stage A) weights file; load its vqgan/ folder with config.json"
-    if any(k.startswith("backbone.") for k in keys) and "mapper.0.weight" in keys:
-        return "an EfficientNet encoder checkpoint"
-    if "blocks.0.weight" in keys and all(k.startswith("blocks.") for k in keys):
-        return "a Previewer checkpoint"
-    sample = sorted(keys)[:3]
-    return f"an unrecognised checkpoint ({len(keys)} tensors, e.g. {sample})"
+    kind = checkpoint_kind(shapes)
+    if kind is None:
+        sample = sorted(keys)[:3]
+        return f"an unrecognised checkpoint ({len(keys)} tensors, e.g. {sample})"
+    if kind not in _VARIANTS:
+        return _NAMES[kind]
+    infer, presets = _VARIANTS[kind]
+    try:
+        variant = _variant(infer(shapes), {name: make() for name, make in presets.items()})
+    except CheckpointError:
+        variant = "unreadable structure"
+    return f"{_NAMES[kind]} ({variant})"
 
 
 def checkpoint_kind(shapes: Shapes) -> str | None:

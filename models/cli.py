@@ -100,17 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:  # missing/broken weights (CheckpointError is a ValueError)
         print(f"error: cannot load the model: {err}", file=sys.stderr)
         return 2
-    d = pipe.defaults
     seed = args.seed if args.seed is not None else secrets.randbelow(MAX_SEED - args.num_images + 2)
-    given = {name: getattr(args, name) for name in _SAMPLING if getattr(args, name) is not None}
-    params = GenerationParams(
-        prompt=args.prompt,
+    given = {
+        name: getattr(args, name)
+        for name in ("width", "height", *_SAMPLING)
+        if getattr(args, name) is not None
+    }
+    params = GenerationParams.from_defaults(
+        pipe.defaults,
+        args.prompt,
         negative_prompt=args.negative_prompt,
-        width=args.width if args.width is not None else d.width,
-        height=args.height if args.height is not None else d.height,
         num_images=args.num_images,
         seed=seed,
-        **{name: given.get(name, getattr(d, name)) for name in _SAMPLING},
+        **given,
     )
     print(
         f"model: {pipe.model_info.get('name')} ({pipe.model_info.get('weights', '')}) "

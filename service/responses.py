@@ -18,6 +18,17 @@ from service.jobs import JobResult
 from service.schemas import MAX_SEED, GenerateRequest, GenerateResponse, ImageData, Timings
 from service.settings import Settings
 
+# Request fields that fall back to the model's sampling defaults when left out (shifts and cfg_rho
+# are not exposed: they always come from the model).
+_OPTIONAL_SAMPLING = (
+    "width",
+    "height",
+    "prior_steps",
+    "prior_guidance_scale",
+    "decoder_steps",
+    "decoder_guidance_scale",
+)
+
 T = TypeVar("T")
 
 if TYPE_CHECKING:  # images are torch tensors; only engine.py and imaging.py import torch
@@ -69,31 +80,22 @@ def build_params(
                 f"{name} is {len(text)} characters; the limit is {settings.max_prompt_chars}",
                 field=name,
             )
-    d = engine.defaults
-    params = GenerationParams(
-        prompt=body.prompt,
+    given = {
+        name: getattr(body, name) for name in _OPTIONAL_SAMPLING if getattr(body, name) is not None
+    }
+    params = GenerationParams.from_defaults(
+        engine.defaults,
+        body.prompt,
         negative_prompt=body.negative_prompt,
-        width=body.width if body.width is not None else d.width,
-        height=body.height if body.height is not None else d.height,
         num_images=body.num_images,
         seed=seed,
-        prior_steps=body.prior_steps if body.prior_steps is not None else d.prior_steps,
-        prior_guidance_scale=_or(body.prior_guidance_scale, d.prior_guidance_scale),
-        prior_shift=d.prior_shift,
-        decoder_steps=body.decoder_steps if body.decoder_steps is not None else d.decoder_steps,
-        decoder_guidance_scale=_or(body.decoder_guidance_scale, d.decoder_guidance_scale),
-        decoder_shift=d.decoder_shift,
-        cfg_rho=d.cfg_rho,
+        **given,
     )
     try:
         engine.validate(params)
     except InvalidParams as exc:
         raise InvalidRequest(f"{exc.field}: {exc.message}", field=exc.field) from None
     return params
-
-
-def _or(value: float | None, default: float) -> float:
-    return default if value is None else value
 
 
 async def encode_each(

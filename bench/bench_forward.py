@@ -48,9 +48,12 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def build_pair(which: str) -> tuple[nn.Module, nn.Module, Callable, Callable]:
-    """Our model (random init) and a diffusers model sharing its weights, plus a call for each."""
+def build_pair(which: str, seed: int = 0) -> tuple[nn.Module, nn.Module, Callable, Callable]:
+    """Our model (random init from ``seed``) and a diffusers model sharing its weights, plus a call for
+    each."""
     from diffusers import StableCascadeUNet
+
+    torch.manual_seed(seed)  # the weights; the inputs have their own generator
 
     if which == "c":
         cfg = StageCConfig.lite()
@@ -130,6 +133,7 @@ def main() -> None:
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--out", default=None, help="also write the results table (markdown) to this file")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     args = ap.parse_args()
     repeats = args.repeats or (1 if args.quick else 5)
     if args.threads:
@@ -140,7 +144,7 @@ def main() -> None:
 
     rows = []
     for which in args.models.split(","):
-        ours, ref, run_ours, run_ref = build_pair(which)
+        ours, ref, run_ours, run_ref = build_pair(which, args.seed)
         for dname in args.dtypes.split(","):
             dtype = dtypes[dname]
             if dtype != torch.float32:

@@ -224,10 +224,11 @@ _reorder_linear_weight = getattr(torch.ops.mkldnn, "_reorder_linear_weight", Non
 
 # The condition path of every AttnBlock, kv_mapper Linear then the k/v projection, as one GEMM with a weight
 # folded from the two (``AttnBlock._folded_cond_kv``): 1/3 fewer FLOPs on the condition tokens, which at
-# 512 px are 85 of the 229 keys/values of every Stage C attention. Measured on the 2-core dev machine, Stage C lite
-# bf16 at 512 px: 0.769 -> 0.736 s per forward, rms error against float32 1.51e-2 -> 1.49e-2. Costs one
-# [2c, c_cond] bf16 weight per block in place of the kv_mapper's packed copy (Stage C lite +0.15 GB, big
-# +0.54 GB) and, once, the folding GEMMs at the first bf16 forward: ~0.5 s for Stage C lite, ~2.3 s for big.
+# 512 px are 85 of the 229 keys/values of every Stage C attention. Measured on the 2-core dev machine,
+# Stage C lite bf16 at 512 px: 0.769 -> 0.736 s per forward, rms error against float32 1.51e-2 -> 1.49e-2.
+# Costs one [2c, c_cond] bf16 weight per block in place of the kv_mapper's packed copy (Stage C lite
+# +0.15 GB, big +0.54 GB) and, once, the folding GEMMs at the first bf16 forward: ~0.5 s for Stage C lite,
+# ~2.3 s for big.
 FOLD_KV_MAPPER = True  # module switch for A/B measurements
 
 

@@ -12,7 +12,9 @@ is cast and the diffusers model re-pointed at the cast tensors. Runs are interle
 ...) after a warm-up so that load changes on a shared machine hit both sides alike; the median is reported.
 
 Usage: ``python bench/bench_forward.py [--quick] [--repeats N] [--models c,b] [--dtypes fp32,bf16]
-[--out docs/bench_forward.md]``
+[--seed N] [--off SWITCH] [--out docs/bench_forward.md]``. ``--off FOLD_KV_MAPPER`` (or another
+``models.common`` switch) adds our forward with that optimisation off to the interleaved runs: an A/B in
+one process, on the same weights.
 """
 
 from __future__ import annotations
@@ -24,13 +26,13 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from models import convert
+from models import common, convert
 from models.config import StageBConfig, StageCConfig
 from models.stage_b import StageB
 from models.stage_c import StageC
@@ -103,23 +105,51 @@ def share_weights(ours: nn.Module, ref: nn.Module) -> None:
     ref.load_state_dict(convert.unet_official_to_diffusers(ours.state_dict()), strict=True, assign=True)
 
 
-def time_pair(ours, ref, run_ours, run_ref, dtype: torch.dtype, repeats: int) -> dict[str, float]:
+SWITCHES = ("FOLD_KV_MAPPER", "PREPACK_BF16_WEIGHTS", "USE_CPU_BF16_ATTENTION", "USE_ONEDNN_LINEAR")
+
+
+@contextmanager
+def switched_off(name: str | None):
+    """``models.common.<name> = False`` inside the block (no-op for None)."""
+    if name is None:
+        yield
+        return
+    saved = getattr(common, name)
+    setattr(common, name, False)
+    try:
+        yield
+    finally:
+        setattr(common, name, saved)
+
+
+def time_pair(
+    ours, ref, run_ours, run_ref, dtype: torch.dtype, repeats: int, off: str | None = None
+) -> dict[str, float]:
     """Warm up both, then ``repeats`` interleaved timed forwards each.
 
     Returns medians of wall time and of process CPU time (all threads; steadier than wall time when other
-    jobs share the cores) for both sides, and the max relative difference of the two outputs.
+    jobs share the cores) for both sides, and the max relative difference of the two outputs. ``off``:
+    also time ours with that ``models.common`` switch off ("ours_off"), interleaved with the others, for
+    an A/B of one optimisation in one run.
     """
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
-    times: dict[str, list[float]] = {"ours": [], "ref": [], "ours_cpu": [], "ref_cpu": []}
+    sides = [("ours", run_ours, ours, None), ("ref", run_ref, ref, None)]
+    if off is not None:
+        sides.insert(1, ("ours_off", run_ours, ours, off))
+    times: dict[str, list[float]] = {k: [] for side, *_ in sides for k in (side, side + "_cpu")}
     with torch.inference_mode(), ctx:
         a, b = run_ours(ours).float(), run_ref(ref).float()  # warm-up, and a sanity check of agreement
         diff = ((a - b).abs().max() / b.abs().max()).item()
+        if off is not None:
+            with switched_off(off):
+                run_ours(ours)  # warm-up of the other path
         for _ in range(repeats):
-            for model, fn, side in ((ours, run_ours, "ours"), (ref, run_ref, "ref")):
-                t0, c0 = time.perf_counter(), time.process_time()
-                fn(model)
-                times[side].append(time.perf_counter() - t0)
-                times[side + "_cpu"].append(time.process_time() - c0)
+            for side, fn, model, switch in sides:
+                with switched_off(switch):
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    fn(model)
+                    times[side].append(time.perf_counter() - t0)
+                    times[side + "_cpu"].append(time.process_time() - c0)
     result = {k: statistics.median(v) for k, v in times.items()}
     result["diff"] = diff
     return result
@@ -134,6 +164,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also write the results table (markdown) to this file")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    ap.add_argument("--off", choices=SWITCHES, default=None,
+                    help="also time ours with this models.common switch off (A/B in the same run)")
     args = ap.parse_args()
     repeats = args.repeats or (1 if args.quick else 5)
     if args.threads:
@@ -151,12 +183,15 @@ def main() -> None:
                 ours.to(dtype)
                 share_weights(ours, ref)  # drops diffusers' references to the float32 tensors
                 gc.collect()
-            t = time_pair(ours, ref, run_ours, run_ref, dtype, repeats)
+            t = time_pair(ours, ref, run_ours, run_ref, dtype, repeats, args.off)
             rows.append((names[which], dname, t))
             print(f"{names[which]:34s} {dname:5s} wall: ours {t['ours']:7.3f} s, diffusers "
                   f"{t['ref']:7.3f} s, ratio {t['ours'] / t['ref']:5.2f} | cpu: ours {t['ours_cpu']:7.3f} s, "
                   f"diffusers {t['ref_cpu']:7.3f} s, ratio {t['ours_cpu'] / t['ref_cpu']:5.2f} | "
                   f"max rel diff {t['diff']:.1e}", flush=True)
+            if args.off:
+                print(f"{'':34s} {'':5s} wall: ours with {args.off} off {t['ours_off']:7.3f} s, ratio "
+                      f"{t['ours_off'] / t['ref']:5.2f} | cpu {t['ours_off_cpu']:7.3f} s", flush=True)
         del ours, ref
         gc.collect()
 
@@ -170,6 +205,13 @@ def main() -> None:
         f"| {t['ours_cpu']:.3f} | {t['ref_cpu']:.3f} | {t['ours_cpu'] / t['ref_cpu']:.2f} | {t['diff']:.1e} |"
         for n, d, t in rows
     ]
+    if args.off:
+        header = header.replace("| max rel. diff |", f"| max rel. diff | ours, {args.off} off, wall (s) | ratio |")
+        header += "---|---|"
+        lines = [
+            line + f" {t['ours_off']:.3f} | {t['ours_off'] / t['ref']:.2f} |"
+            for line, (_, _, t) in zip(lines, rows)
+        ]
     table = "\n".join([header, *lines])
     machine = (f"CPU: {cpu_model()}, {os.cpu_count()} cores visible, torch {torch.__version__} "
                f"({torch.get_num_threads()} threads); median of {repeats} interleaved repeat(s) after 1 warm-up; "

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +16,7 @@ from torch import nn
 from models.config import StageBConfig, StageCConfig
 from models.stage_b import StageB
 from models.stage_c import StageC
-
-KEYS_DIR = Path(__file__).resolve().parents[1] / "data" / "checkpoint_keys"
+from tests.models.checkpoint_keys import read_key_list
 
 CASES: dict[str, tuple[Callable[[], nn.Module], int]] = {
     "stage_c": (lambda: StageC(StageCConfig.big()), 3_589_103_632),
@@ -26,15 +24,6 @@ CASES: dict[str, tuple[Callable[[], nn.Module], int]] = {
     "stage_b": (lambda: StageB(StageBConfig.big()), 1_562_941_136),
     "stage_b_lite": (lambda: StageB(StageBConfig.lite()), 699_471_248),
 }
-
-
-def read_key_list(name: str) -> list[tuple[str, list[int]]]:
-    """``key<TAB>[shape]`` lines -> [(key, shape)] in file order."""
-    rows = []
-    for line in (KEYS_DIR / f"{name}.keys.txt").read_text().splitlines():
-        key, shape = line.split("\t")
-        rows.append((key, [int(s) for s in shape.strip("[]").split(",") if s.strip()]))
-    return rows
 
 
 @pytest.mark.parametrize("name", list(CASES))

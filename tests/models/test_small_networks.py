@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,17 +19,7 @@ from models.config import EfficientNetConfig, PreviewerConfig, StageAConfig
 from models.effnet import EfficientNetEncoder, FusedMBConv, MBConv
 from models.previewer import Previewer
 from models.stage_a import StageA
-
-KEYS_DIR = Path(__file__).resolve().parents[1] / "data" / "checkpoint_keys"
-
-
-def read_key_list(name: str) -> list[tuple[str, list[int]]]:
-    """``key<TAB>[shape]`` lines -> [(key, shape)] in file order."""
-    rows = []
-    for line in (KEYS_DIR / f"{name}.keys.txt").read_text().splitlines():
-        key, shape = line.split("\t")
-        rows.append((key, [int(s) for s in shape.strip("[]").split(",") if s.strip()]))
-    return rows
+from tests.models.checkpoint_keys import read_key_list
 
 
 def randomize_(module: nn.Module, seed: int, std: float = 0.2) -> None:

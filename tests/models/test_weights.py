@@ -31,18 +31,14 @@ from models.previewer import Previewer
 from models.stage_a import StageA
 from models.stage_b import StageB
 from models.stage_c import StageC
+from tests.models.checkpoint_keys import read_key_list
 
-KEYS_DIR = Path(__file__).resolve().parents[1] / "data" / "checkpoint_keys"
 TOL = 1e-5
 
 
 def key_shapes(name: str) -> dict[str, tuple[int, ...]]:
-    """``checkpoint_keys/<name>.keys.txt`` (``key<TAB>[d0, d1, ...]``) -> {key: shape}."""
-    out = {}
-    for line in (KEYS_DIR / f"{name}.keys.txt").read_text().splitlines():
-        key, shape = line.split("\t")
-        out[key] = tuple(int(d) for d in shape.strip("[]").split(",") if d.strip())
-    return out
+    """The released checkpoint ``name``'s keys -> shapes."""
+    return {key: tuple(shape) for key, shape in read_key_list(name)}
 
 
 def randomize_(module: nn.Module, seed: int, std: float = 0.05) -> nn.Module:

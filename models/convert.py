@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from models.common import per_level
 from models.config import StageAConfig, StageBConfig, StageCConfig
 
 _IN_PROJ = "attention.attn.in_proj_"
@@ -134,15 +135,6 @@ def _block_types_from_diffusers(types: Any) -> tuple[str, ...]:
         raise ValueError(f"block_types_per_layer: unknown block type {e.args[0]!r}") from None
 
 
-def _per_level(value: Any, n: int, name: str) -> tuple:
-    if isinstance(value, (int, float, bool)):
-        return (value,) * n
-    value = tuple(value)
-    if len(value) != n:
-        raise ValueError(f"{name}: expected {n} per-level values, got {len(value)}")
-    return value
-
-
 def _get(d: Mapping[str, Any], key: str, default: Any = ...) -> Any:
     if key in d:
         return d[key]
@@ -179,7 +171,7 @@ def _common_unet_from_diffusers(d: Mapping[str, Any]) -> dict[str, Any]:
     n = len(c_hidden)
     self_attn = _get(d, "self_attn", True)
     if not isinstance(self_attn, bool):
-        values = set(_per_level(self_attn, n, "self_attn"))
+        values = set(per_level(self_attn, n, "self_attn"))
         if len(values) != 1:
             raise ValueError("self_attn: per-level values that differ are not supported")
         self_attn = bool(values.pop())
@@ -193,7 +185,7 @@ def _common_unet_from_diffusers(d: Mapping[str, Any]) -> dict[str, Any]:
         c_cond=int(_get(d, "conditioning_dim")),
         c_hidden=c_hidden,
         nhead=_heads_from_diffusers(
-            _per_level(_get(d, "num_attention_heads"), n, "num_attention_heads")
+            per_level(_get(d, "num_attention_heads"), n, "num_attention_heads")
         ),
         blocks=(
             tuple(_get(d, "down_num_layers_per_block")),
@@ -203,7 +195,7 @@ def _common_unet_from_diffusers(d: Mapping[str, Any]) -> dict[str, Any]:
         level_config=_block_types_from_diffusers(_get(d, "block_types_per_layer")),
         c_clip_seq=int(_get(d, "clip_seq", 4)),
         kernel_size=int(_get(d, "kernel_size", 3)),
-        dropout=tuple(float(x) for x in _per_level(_get(d, "dropout", 0.0), n, "dropout")),
+        dropout=tuple(float(x) for x in per_level(_get(d, "dropout", 0.0), n, "dropout")),
         self_attn=self_attn,
         t_conds=tuple(_get(d, "timestep_conditioning_type", ("sca", "crp"))),
     )

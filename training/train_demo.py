@@ -128,6 +128,15 @@ def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def _optimizer_step(opt: torch.optim.Optimizer, params, loss: torch.Tensor, lr: float) -> None:
+    """One AdamW step at learning rate ``lr`` with the gradient norm clipped to 1."""
+    _set_lr(opt, lr)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
 def _save(state: dict, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -157,11 +166,7 @@ def phase_stage_a(work: Path, log: Log, steps: int, minutes: float, seed: int) -
         crops = torch.stack([im[:, y:y + 64, x:x + 64] for im, x, y in zip(images, ox, oy)])
         recon = model(crops)
         loss = F.l1_loss(recon, crops) + F.mse_loss(recon, crops)
-        _set_lr(opt, learning_rate(2e-3, budget.progress(step), step, warmup=100))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        _optimizer_step(opt, model.parameters(), loss, learning_rate(2e-3, budget.progress(step), step, warmup=100))
         step += 1
         if step % 50 == 0:
             log(f"step {step} loss {loss.item():.5f} lr {opt.param_groups[0]['lr']:.2e}")
@@ -218,11 +223,7 @@ def phase_encoder(work: Path, log: Log, steps: int, minutes: float, seed: int) -
         labels = attrs.stacked()
         ce = sum(F.cross_entropy(logits, labels[:, i]) for i, logits in enumerate(heads.classify(latent)))
         loss = recon_loss + 0.1 * ce
-        _set_lr(opt, learning_rate(1e-3, budget.progress(step), step, warmup=100))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _optimizer_step(opt, params, loss, learning_rate(1e-3, budget.progress(step), step, warmup=100))
         step += 1
         if step % 50 == 0:
             log(f"step {step} recon {recon_loss.item():.5f} ce {float(ce):.4f} lr {opt.param_groups[0]['lr']:.2e}")
@@ -290,11 +291,7 @@ def _train_unet(name: str, model: torch.nn.Module, batch_fn, work: Path, log: Lo
         per_sample = (pred - eps).pow(2).mean(dim=(1, 2, 3))
         loss = (per_sample * weighting.weight(logsnr)).mean()
         weighting.update(logsnr, per_sample)
-        _set_lr(opt, learning_rate(lr, budget.progress(step), step))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        _optimizer_step(opt, model.parameters(), loss, learning_rate(lr, budget.progress(step), step))
         ema.update(model)
         step += 1
         running = 0.98 * running + 0.02 * per_sample.mean().item() if step > 1 else per_sample.mean().item()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import platform
-import signal
 import socket
 import subprocess
 import sys
@@ -132,17 +131,6 @@ class ServerProcess:
             if (depth == 0 and inflight == 0) or time.monotonic() > until:
                 return depth, inflight
             time.sleep(0.2)
-
-    def terminate(self, timeout_s: float) -> tuple[int | None, float]:
-        """SIGTERM; wait up to ``timeout_s`` for the exit. Returns (exit status or None, seconds taken)."""
-        assert self.proc is not None
-        started = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            code: int | None = self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            code = None
-        return code, time.monotonic() - started
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

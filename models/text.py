@@ -130,11 +130,6 @@ class TextEncoder:
         """D, the width of ``clip_text``."""
         return int(self.model.config.hidden_size)
 
-    @property
-    def pooled_dim(self) -> int:
-        """P, the width of ``clip_text_pooled``."""
-        return int(self.model.config.projection_dim)
-
     @classmethod
     def from_pretrained(
         cls,

@@ -13,7 +13,7 @@ from itertools import pairwise
 
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-from models.text import BOS, EOS, TextEncoder, build_byte_tokenizer, random_clip_text_model
+from models.text import BOS, EOS, build_byte_tokenizer, random_clip_text_model
 
 TEXT_SEED = 0
 
@@ -76,9 +76,3 @@ def build_text_model(tokenizer: CLIPTokenizer, seed: int = TEXT_SEED) -> CLIPTex
     """The frozen random text tower (hidden 64, 2 layers, 4 heads, MLP 128, projection 64), from ``seed``."""
     model = random_clip_text_model(tokenizer, width=64, layers=2, heads=4, mlp=128, seed=seed)
     return model.eval().requires_grad_(False)
-
-
-def build_text_encoder(words: Sequence[str], seed: int = TEXT_SEED) -> TextEncoder:
-    """Tokenizer + text tower wrapped in the pipeline's ``TextEncoder`` (float32, CPU)."""
-    tokenizer = build_word_tokenizer(words)
-    return TextEncoder(tokenizer, build_text_model(tokenizer, seed))

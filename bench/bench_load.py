@@ -251,7 +251,6 @@ def main() -> None:
                     flush=True,
                 )
                 files[(stage, file_dtype)] = path
-        reads: dict[Path, list[float]] = {}
         for stage, file_dtype, load_dtype in CASES:
             path = files[(stage, file_dtype)]
             if args.only not in path.name:

@@ -105,7 +105,9 @@ def share_weights(ours: nn.Module, ref: nn.Module) -> None:
     ref.load_state_dict(convert.unet_official_to_diffusers(ours.state_dict()), strict=True, assign=True)
 
 
-SWITCHES = ("FOLD_KV_MAPPER", "PREPACK_BF16_WEIGHTS", "USE_CPU_BF16_ATTENTION", "USE_ONEDNN_LINEAR")
+SWITCHES = (
+    "FOLD_KV_MAPPER", "ONEDNN_SCORE_GEMM", "PREPACK_BF16_WEIGHTS", "USE_CPU_BF16_ATTENTION", "USE_ONEDNN_LINEAR"
+)
 
 
 @contextmanager

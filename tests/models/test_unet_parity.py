@@ -312,6 +312,29 @@ def test_cpu_bf16_attention_keeps_float32_scores(monkeypatch) -> None:
         assert torch.equal(common.attention(q, k, v), got)  # autocast would round the scores to bf16
     monkeypatch.setattr(common, "_ATTN_SCORES_BYTES", 4 * B * nh * S * 8)  # 8 query rows per chunk
     assert rel_err(common.attention(q, k, v).double(), want) < 2 * rel_err(sdpa.double(), want) + 1e-3
+    assert torch.backends.mkldnn.matmul.fp32_precision == "none"  # the score GEMM's setting does not leak
+
+
+def test_onednn_score_gemm_keep_float32_gemms_exact_and_restore_the_setting() -> None:
+    """Inside ``_onednn_score_gemm``, a float32 GEMM of upcast bf16 values is the float32 GEMM (the rounding
+    to bf16 it allows is exact on such values); outside, float32 matmuls are untouched, even after errors."""
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(12, 40, 64, generator=g).bfloat16().float()
+    b = torch.randn(12, 64, 75, generator=g).bfloat16().float() * 100  # wide range, exact in float32
+    want = torch.bmm(a.double(), b.double())
+    setting = torch.backends.mkldnn.matmul
+    before = setting.fp32_precision
+    with common._onednn_score_gemm():
+        assert setting.fp32_precision == "bf16"
+        got = torch.baddbmm(a.new_empty(1, 1, 1), a, b, beta=0.0)
+    assert got.dtype == torch.float32
+    assert rel_err(got.double(), want) < 1e-6  # float32 accumulation only; rounding to bf16 would give ~1e-3
+    assert setting.fp32_precision == before
+    with pytest.raises(RuntimeError, match="inside"), common._onednn_score_gemm():
+        raise RuntimeError("inside")
+    assert setting.fp32_precision == before
+    with common._onednn_score_gemm(enabled=False):
+        assert setting.fp32_precision == before
 
 def test_sca_condition_changes_output(stage_b_pair) -> None:
     ours, _ = stage_b_pair

@@ -438,8 +438,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor
     """Softmax attention, scale 1/sqrt(d). ``q: [B, nh, N, d]``, ``k, v: [B, nh, S, d]`` -> ``[B, nh, N, d]``.
 
     SDPA everywhere except bfloat16 on the CPU without autograd or dropout, where ``_attention_cpu_bf16``
-    does the same maths faster than the CPU flash kernel (measured inside the forward on the 2-core
-    AVX-512-BF16 dev machine: Stage C lite 2.6 vs 3.3 ms per call, Stage B lite 2.0 vs 2.1-2.6 ms).
+    does the same maths faster than the CPU flash kernel (measured on the 2-core AVX-512-BF16 dev machine:
+    a Stage C lite forward, 32 calls, takes 34 ms longer with SDPA; Stage B lite 2.0 vs 2.1-2.6 ms per call).
     """
     if (
         USE_CPU_BF16_ATTENTION

@@ -305,13 +305,21 @@ def _train_unet(name: str, model: torch.nn.Module, batch_fn, work: Path, log: Lo
     _save({"ema": ema.state_dict(), "step": step}, work / f"{name}.pt")
 
 
-def phase_stage_b(out: Path, work: Path, log: Log, steps: int, minutes: float, seed: int, n_data: int) -> None:
-    start = time.time()
+def _unet_data(out: Path, work: Path, log: Log, seed: int, n_data: int, with_stage_a: bool
+               ) -> tuple[torch.Generator, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Seeds the phase, then returns its generator, the pre-computed training data (Stage A latents only
+    ``with_stage_a``) and the caption embedding table (text, pooled)."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     stage_a, enc = _load_frozen(work)
-    _, pooled, rows = _caption_table(out)
-    d = _precompute(n_data, g, stage_a, enc, rows, log)
+    text, pooled, rows = _caption_table(out)
+    d = _precompute(n_data, g, stage_a if with_stage_a else None, enc, rows, log)
+    return g, d, text, pooled
+
+
+def phase_stage_b(out: Path, work: Path, log: Log, steps: int, minutes: float, seed: int, n_data: int) -> None:
+    start = time.time()
+    g, d, _, pooled = _unet_data(out, work, log, seed, n_data, with_stage_a=True)
     model = use_zero_safe_grn_(init_unet_(StageB(STAGE_B), seed)).train()
 
     def batch(g: torch.Generator):
@@ -328,11 +336,7 @@ def phase_stage_b(out: Path, work: Path, log: Log, steps: int, minutes: float, s
 
 def phase_stage_c(out: Path, work: Path, log: Log, steps: int, minutes: float, seed: int, n_data: int) -> None:
     start = time.time()
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    _, enc = _load_frozen(work)
-    text, pooled, rows = _caption_table(out)
-    d = _precompute(n_data, g, None, enc, rows, log)
+    g, d, text, pooled = _unet_data(out, work, log, seed, n_data, with_stage_a=False)
     model = use_zero_safe_grn_(init_unet_(StageC(STAGE_C), seed)).train()
     clip_img = torch.zeros(64, 1, STAGE_C.c_clip_img)
 

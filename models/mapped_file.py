@@ -34,7 +34,6 @@ _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux value; no
 class MappedFile:
     """``MappedFile(path).tensor(dtype, shape, offset)`` -> a view of the file's bytes at ``offset``.
 
-
     The mapping stays alive as long as any tensor made from it does.
     """
 

@@ -377,6 +377,24 @@ def _prefetch(file: Path) -> None:
         os.close(fd)
 
 
+def _keys_by_file(infos: Mapping[str, TensorInfo]) -> dict[Path, list[str]]:
+    """The keys of each file, in on-disk order."""
+    by_file: dict[Path, list[str]] = {}
+    for key, info in infos.items():
+        by_file.setdefault(info.file, []).append(key)
+    for keys in by_file.values():
+        keys.sort(key=lambda k: infos[k].start)
+    return by_file
+
+
+def _mapped_tensors(
+    file: Path, keys: Sequence[str], infos: Mapping[str, TensorInfo], populate: bool
+) -> dict[str, Tensor]:
+    """Zero-copy views of ``keys`` over one mapping of ``file`` (see ``models.mapped_file``)."""
+    mapped = MappedFile(file, populate=populate)
+    return {key: mapped.tensor(infos[key].dtype, infos[key].shape, infos[key].start) for key in keys}
+
+
 def _read_official(
     infos: Mapping[str, TensorInfo],
     expected: Mapping[str, Tensor],
@@ -385,20 +403,13 @@ def _read_official(
 ) -> dict[str, Tensor]:
     """Tensors of official files, file by file in on-disk order (sequential reads)."""
     out: dict[str, Tensor] = {}
-    by_file: dict[Path, list[str]] = {}
-    for key, info in infos.items():
-        by_file.setdefault(info.file, []).append(key)
-    for file, keys in by_file.items():
-        keys.sort(key=lambda k: infos[k].start)
+    for file, keys in _keys_by_file(infos).items():
         zero_copy = device.type == "cpu" and all(
             infos[k].dtype == _target_dtype(expected[k], float_dtype) for k in keys
         )
         try:
             if zero_copy:  # the parameters ARE the file's pages: map them all in, in file order
-                mapped = MappedFile(file, populate=True)
-                for key in keys:
-                    info = infos[key]
-                    out[key] = mapped.tensor(info.dtype, info.shape, info.start)
+                out.update(_mapped_tensors(file, keys, infos, populate=True))
             else:
                 out.update(_read_converted(file, keys, expected, device, float_dtype))
         except CheckpointError:
@@ -441,15 +452,9 @@ def _read_views(infos: Mapping[str, TensorInfo], populate: bool) -> dict[str, Te
     ``populate``: the views will be the parameters as they are (no conversion follows): map every page
     in now, in file order (see ``models.mapped_file``)."""
     out: dict[str, Tensor] = {}
-    by_file: dict[Path, list[str]] = {}
-    for key, info in infos.items():
-        by_file.setdefault(info.file, []).append(key)
-    for file, keys in by_file.items():
+    for file, keys in _keys_by_file(infos).items():
         try:
-            mapped = MappedFile(file, populate=populate)
-            for key in sorted(keys, key=lambda k: infos[k].start):
-                info = infos[key]
-                out[key] = mapped.tensor(info.dtype, info.shape, info.start)
+            out.update(_mapped_tensors(file, keys, infos, populate))
         except (OSError, RuntimeError, ValueError) as e:
             raise CheckpointError(
                 f"{file}: cannot read tensor data ({type(e).__name__}: {e})"

@@ -46,8 +46,10 @@ _onednn_linear = (
 )
 _onednn_bf16 = _onednn_linear is not None and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 USE_ONEDNN_LINEAR = True  # module switch for A/B measurements; both paths agree to float rounding
-# float32 through oneDNN only where it was measured to win (AVX-512). On the AVX2-only Zen 3 (2 cores)
-# MKL's AVX2 sgemm (F.linear, as diffusers runs) is the faster float32 kernel: see docs/bench_forward.md.
+# float32 through oneDNN only where it was measured to win (AVX-512). On the AVX2-only Zen 3 (2 cores) it
+# put ours 1.20x over diffusers on a quiet machine, while F.linear (MKL, diffusers' own kernel) kept ours at
+# 0.97x; under load oneDNN led instead (0.81 vs 0.94). F.linear is the one never slower than diffusers in
+# both: docs/bench_forward.md.
 ONEDNN_FLOAT32_LINEAR = cpu_features.AVX512
 # bfloat16 where the CPU has no oneDNN bf16 kernels (AVX2): torch's bf16 GEMMs and convolutions there are
 # scalar fallbacks, 5-50x slower than float32 (measured on the Zen 3: a 288x1536x6144 GEMM 579 vs 113 ms,

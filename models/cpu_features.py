@@ -5,11 +5,15 @@
   ``torch.backends.cpu.get_cpu_capability() == "AVX512"``).
 - ``NATIVE_BF16``: bfloat16 arithmetic in hardware (``avx512_bf16`` or ``amx_bf16``). Without it
   bfloat16 runs on converted values (oneDNN on AVX-512) or, on AVX2 CPUs, on scalar fallbacks.
+- ``available_cpus`` / ``default_threads``: how many CPUs this process may use, and the torch thread
+  count a server defaults to.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 from pathlib import Path
 
 import torch
@@ -69,3 +73,40 @@ def warn_if_bf16_is_emulated(dtype: torch.dtype, device: torch.device) -> bool:
     )
     return True
 
+
+def cgroup_cpu_limit(cpu_max: str | None = None) -> float | None:
+    """The CPU quota of this process's cgroup (v2 ``cpu.max``, e.g. ``"150000 100000"`` -> 1.5), or None
+    when there is none (``"max ..."``) or it cannot be read. ``cpu_max``: the file's text, for tests."""
+    if cpu_max is None:
+        try:
+            cpu_max = Path("/sys/fs/cgroup/cpu.max").read_text()
+        except OSError:
+            return None
+    parts = cpu_max.split()
+    try:
+        quota, period = float(parts[0]), float(parts[1])
+    except (IndexError, ValueError):  # "max 100000": no quota
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, bounded by a cgroup CPU quota (containers)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    return max(1, min(n, math.ceil(limit)) if limit is not None else n)
+
+
+def default_threads(cpus: int | None = None) -> int:
+    """torch intra-op threads for a server: one less than the available CPUs, at least 1.
+
+    torch's own default, one thread per CPU, leaves nothing for the server's other threads (event loop,
+    PNG encoding) or for other processes; OpenMP splits every operation evenly and then waits for its
+    slowest thread, so one busy core holds up every operation, and with spinning waits it stalled (on a
+    shared 2-core VM, 2 threads: 6-78 s per demo image, against 0.4-2.6 s with 1 thread;
+    docs/bench_threads.md).
+    """
+    return max(1, (available_cpus() if cpus is None else cpus) - 1)

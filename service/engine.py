@@ -87,9 +87,20 @@ def resolve_device(name: str) -> torch.device:
 
 
 def set_torch_threads(threads: int | None) -> None:
-    """torch.set_num_threads(threads) unless None. Process-wide; called before the model loads."""
-    if threads is not None:
-        torch.set_num_threads(threads)
+    """torch.set_num_threads: ``threads``, or for None one less than the CPUs this process may use (at
+    least 1, ``models.cpu_features.default_threads``). torch's default of one thread per CPU stalls a
+    server whose machine is shared (docs/bench_threads.md). Process-wide; called before the model loads.
+    """
+    from models.cpu_features import available_cpus, default_threads
+
+    chosen = default_threads() if threads is None else threads
+    torch.set_num_threads(chosen)
+    logger.info(
+        "torch uses %d CPU thread(s) of %d available%s",
+        chosen,
+        available_cpus(),
+        "" if threads is not None else " (CASCADE_TORCH_THREADS unset: one left for the rest)",
+    )
 
 
 def load_pipeline(settings: Settings) -> Pipeline:

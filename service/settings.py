@@ -102,7 +102,8 @@ class Settings(BaseModel):
         ge=1,
         le=1024,
         description="CPU threads torch uses inside one operation (torch.set_num_threads). Unset: "
-        "torch's default (one per core). Lower it when the cores are shared with other processes.",
+        "one less than the CPUs this process may use (at least 1), so that a shared machine does "
+        "not stall generations; see docs/bench_threads.md.",
     )
     encode_threads: int = Field(
         2, ge=1, le=64, description="Threads encoding PNGs off the event loop."

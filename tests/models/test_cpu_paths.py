@@ -173,3 +173,13 @@ def test_bf16_forward_via_float32_is_as_accurate_as_bf16_kernels(cpu_without_bf1
     assert rel_err(via_float32, want) < 3e-2
     assert rel_err(via_float32, want) < 1.5 * rel_err(bf16_kernels, want) + 5e-3
 
+
+def test_default_threads_leave_one_cpu_free() -> None:
+    assert [cpu_features.default_threads(n) for n in (1, 2, 16)] == [1, 1, 15]
+    assert 1 <= cpu_features.default_threads() == max(1, cpu_features.available_cpus() - 1)
+
+
+def test_a_cgroup_cpu_quota_bounds_the_cpus() -> None:
+    assert cpu_features.cgroup_cpu_limit("150000 100000\n") == 1.5
+    assert cpu_features.cgroup_cpu_limit("max 100000\n") is None
+    assert cpu_features.cgroup_cpu_limit("") is None

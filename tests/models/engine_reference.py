@@ -43,7 +43,7 @@ def cases() -> dict[str, list[GenerationParams]]:
     }
 
 
-def render(pipeline) -> dict[str, "torch.Tensor"]:  # noqa: F821
+def render(pipeline) -> dict[str, torch.Tensor]:  # noqa: F821
     """``{case: uint8 [n, 3, H, W]}``: each case's images, concatenated in request order."""
     import torch
 

@@ -8,6 +8,7 @@ Runtime.wait (504 / disconnect) -> PNG encoding (thread pool) -> JSON or image/p
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.access_log import install_access_log
-from service.auth import install_auth
+from service.auth import bearer_token, install_auth
 from service.engine import Pipeline, load_pipeline
 from service.errors import InternalError, InvalidJson, InvalidRequest, ServiceError
 from service.imaging import encode_b64_png, encode_png
@@ -37,7 +38,7 @@ from service.responses import (
     wants_png,
 )
 from service.runtime import Runtime
-from service.schemas import ErrorResponse, GenerateRequest, GenerateResponse, Health
+from service.schemas import ErrorResponse, GenerateRequest, GenerateResponse, Health, RequestState
 from service.settings import Settings
 
 logger = logging.getLogger("service.app")
@@ -50,6 +51,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     401: {
         "model": ErrorResponse,
         "description": "Missing or wrong API key (only when CASCADE_API_KEYS is configured)",
+    },
+    409: {
+        "model": ErrorResponse,
+        "description": "Cancelled by DELETE /v1/requests/{id} (cancelled), or a client-chosen "
+        "X-Request-ID still in flight (request_id_in_use)",
     },
     413: {
         "model": ErrorResponse,
@@ -72,7 +78,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     },
     504: {
         "model": ErrorResponse,
-        "description": "The deadline passed before the batch started (deadline_exceeded)",
+        "description": "The deadline passed before the request's first step (deadline_exceeded)",
     },
 }
 PNG_200: dict[str, Any] = {
@@ -118,7 +124,9 @@ def create_app(
         engine = runtime.accepting()
         raw_png = wants_png(body.response_format, request.headers.get("accept", ""))
         params = build_params(body, engine, settings, raw_png)
-        job = runtime.submit(params, body.timeout_s, request.state.request_id)
+        job = runtime.submit(
+            params, body.timeout_s, request.state.request_id, _owner(request)
+        )
         done = await runtime.wait(job, request.receive)
         request.state.outcome = "ok"
         if raw_png:
@@ -131,6 +139,30 @@ def create_app(
         metrics.encode_duration.labels("b64_json").observe(seconds)
         timings = timings_of(done, seconds, received_at)
         return json_response(done, b64, timings, engine.model_info, request.state.request_id)
+
+    @app.get(
+        "/v1/requests/{request_id}",
+        response_model=RequestState,
+        responses={404: {"model": ErrorResponse, "description": "No such request (not_found)"}},
+        summary="The state of a queued, running or recently finished request",
+    )
+    async def request_state(request_id: str, request: Request) -> JSONResponse:
+        """queued (with queue_position), running (stage, step, total), done, failed or
+        cancelled. With API keys on, only the key that submitted the request sees it."""
+        return JSONResponse(runtime.describe(request_id, _owner(request)))
+
+    @app.delete(
+        "/v1/requests/{request_id}",
+        response_model=RequestState,
+        responses={404: {"model": ErrorResponse, "description": "No such request (not_found)"}},
+        summary="Cancel a queued or running request",
+    )
+    async def cancel_request(request_id: str, request: Request) -> JSONResponse:
+        """Cancels the request whose id its response or X-Request-ID header carries: the waiting
+        request is answered 409 ``cancelled`` at once and its images leave the running batch at
+        the next denoising step. ``cancelled`` is false when it had already finished. With API
+        keys on, only the key that submitted it may cancel it (others get 404)."""
+        return JSONResponse(runtime.cancel(request_id, _owner(request)))
 
     @app.get("/health/live", response_model=Health, responses={503: {"model": Health}})
     async def live() -> JSONResponse:
@@ -190,7 +222,7 @@ def create_app(
     endpoints = frozenset(r.path for r in app.routes if hasattr(r, "path"))
     # Last added is outermost: access log -> RequestMiddleware (413, metrics) -> API keys -> routes,
     # so refusals carry the request id, are counted and are logged.
-    install_auth(app)
+    app.state.auth_enabled = install_auth(app).enabled
     app.add_middleware(
         RequestMiddleware,
         metrics=metrics,
@@ -253,6 +285,15 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics, settings: Settings) -> N
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+def _owner(request: Request) -> str | None:
+    """Who submitted a request, as a digest of its API key (None while keys are off): the only
+    one who may see or cancel it."""
+    if not getattr(request.app.state, "auth_enabled", False):
+        return None
+    token = bearer_token(request.headers.raw) or ""
+    return hashlib.sha256(token.encode()).hexdigest()[:32]
 
 
 def _from_validation(exc: RequestValidationError) -> ServiceError:

@@ -150,3 +150,20 @@ class Health(BaseModel):
     queue_depth: int = 0
     inflight_jobs: int = 0
     message: str | None = None
+
+
+class RequestState(BaseModel):
+    """The state of one request (GET / DELETE /v1/requests/{id})."""
+
+    id: str
+    status: Literal["queued", "running", "done", "failed", "cancelled"]
+    stage: Literal["queued", "prior", "decoder", "vqgan", "done"] = Field(
+        description="Where the job is: queued, prior (Stage C), decoder (Stage B), vqgan "
+        "(Stage A), done"
+    )
+    step: int | None = Field(None, description="Steps done in the current stage")
+    total: int | None = Field(None, description="Steps of the current stage")
+    queue_position: int | None = Field(None, description="0 = next to be admitted")
+    cancelled: bool | None = Field(
+        None, description="DELETE only: whether this call cancelled the request"
+    )

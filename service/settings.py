@@ -14,7 +14,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "CASCADE_"
 # Read by other modules (service/auth.py, service/access_log.py) or by the deployment files themselves.
@@ -78,7 +85,22 @@ class Settings(BaseModel):
         description="Most images in one batch (also the most images of one request).",
     )
     max_batch_wait_ms: float = Field(
-        2.0, ge=0, le=10_000, description="How long the oldest job waits for compatible company."
+        2.0,
+        ge=0,
+        le=10_000,
+        description="Static batching: how long the oldest job waits for compatible company.",
+    )
+    batching: Literal["continuous", "static"] = Field(
+        "continuous",
+        description="continuous: jobs join and leave the running batch at every denoising step; "
+        "static: a batch of compatible requests runs to its end before the next one starts.",
+    )
+    max_active_images: int = Field(
+        16,
+        ge=1,
+        le=4096,
+        description="Continuous batching: most images admitted at once (each keeps its latents "
+        "and text conditioning on the device); at least CASCADE_MAX_BATCH_IMAGES.",
     )
     request_timeout_s: float = Field(
         300.0,
@@ -107,6 +129,15 @@ class Settings(BaseModel):
     encode_threads: int = Field(
         2, ge=1, le=64, description="Threads encoding PNGs off the event loop."
     )
+
+    @model_validator(mode="after")
+    def _check_active_images(self) -> Settings:
+        if self.max_active_images < self.max_batch_images:
+            raise ValueError(
+                f"CASCADE_MAX_ACTIVE_IMAGES={self.max_active_images} must be at least "
+                f"CASCADE_MAX_BATCH_IMAGES={self.max_batch_images}"
+            )
+        return self
 
     @field_validator("device")
     @classmethod
@@ -145,7 +176,10 @@ class Settings(BaseModel):
         except ValidationError as exc:
             problems = []
             for err in exc.errors():
-                name = str(err["loc"][0]) if err["loc"] else "?"
+                if not err["loc"]:  # a rule across settings: its message names them
+                    problems.append(str(err["msg"]).removeprefix("Value error, "))
+                    continue
+                name = str(err["loc"][0])
                 shown = values.get(name, "")
                 problems.append(f"{ENV_PREFIX}{name.upper()}={shown!r}: {err['msg']}")
             raise SettingsError("invalid settings: " + "; ".join(problems)) from None

@@ -43,7 +43,7 @@ def slow_server() -> Iterator[tuple[subprocess.Popen[str], str]]:
         port=str(port), max_batch_images="1", drain_timeout_s="60", max_batch_wait_ms="1"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.service.slow_server", "0.6"],
+        [sys.executable, "-m", "tests.service.slow_server", "0.15"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"

@@ -124,9 +124,7 @@ def create_app(
         engine = runtime.accepting()
         raw_png = wants_png(body.response_format, request.headers.get("accept", ""))
         params = build_params(body, engine, settings, raw_png)
-        job = runtime.submit(
-            params, body.timeout_s, request.state.request_id, _owner(request)
-        )
+        job = runtime.submit(params, body.timeout_s, request.state.request_id, _owner(request))
         done = await runtime.wait(job, request.receive)
         request.state.outcome = "ok"
         if raw_png:

@@ -36,6 +36,7 @@ class JobResult:
     timings: StageTimings  # of this job: the calls it took part in
     batch_images: int  # most images in one forward this job took part in
     queue_wait: float  # seconds from enqueue to admission
+    first_step: float  # seconds from enqueue to the end of the first step
 
 
 @dataclass(eq=False)

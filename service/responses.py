@@ -114,6 +114,7 @@ def timings_of(done: JobResult, encode: float, received_at: float) -> Timings:
     t = done.timings
     return Timings(
         queue_wait=done.queue_wait,
+        first_step=done.first_step,
         text=t.text,
         prior=t.prior,
         decoder=t.decoder,
@@ -155,7 +156,16 @@ def png_response(
 ) -> Response:
     server_timing = ", ".join(
         f"{name};dur={getattr(timings, name) * 1000:.1f}"
-        for name in ("queue_wait", "text", "prior", "decoder", "vqgan", "encode", "total")
+        for name in (
+            "queue_wait",
+            "first_step",
+            "text",
+            "prior",
+            "decoder",
+            "vqgan",
+            "encode",
+            "total",
+        )  # fmt: skip
     )
     headers = {
         "X-Seed": str(done.result.seeds[0]),

@@ -166,7 +166,9 @@ class Scheduler:
             self.active.remove(job)
             if isinstance(result, NonFiniteOutput):
                 job.fail(
-                    NonFiniteImage(f"the model produced NaN/inf pixels ({result}); try another seed")
+                    NonFiniteImage(
+                        f"the model produced NaN/inf pixels ({result}); try another seed"
+                    )
                 )
                 continue
             timings = job.work.timings
@@ -176,7 +178,11 @@ class Scheduler:
             self.metrics.images.inc(job.images)
             job.finish(
                 JobResult(
-                    result, timings, job.batch_images, (job.admitted_at or 0.0) - job.enqueued_at
+                    result,
+                    timings,
+                    job.batch_images,
+                    queue_wait=(job.admitted_at or 0.0) - job.enqueued_at,
+                    first_step=(job.first_step_at or 0.0) - job.enqueued_at,
                 )
             )
 

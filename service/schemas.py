@@ -100,9 +100,11 @@ class ImageData(BaseModel):
 
 
 class Timings(BaseModel):
-    """Seconds. Stage times are those of the whole batch this request ran in."""
+    """Seconds. Stage times are those of the compute calls this request took part in (shared with
+    whatever else was in them)."""
 
-    queue_wait: float = Field(..., description="Arrival to batch start.")
+    queue_wait: float = Field(..., description="Arrival to admission (text encoding).")
+    first_step: float = Field(..., description="Arrival to the end of the first denoising step.")
     text: float
     prior: float
     decoder: float

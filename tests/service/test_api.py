@@ -51,8 +51,11 @@ def test_json_response_has_images_seeds_timings_and_model(api: LiveServer) -> No
     assert out["model"]["demo"] is True and out["model"]["name"] == "tiny-random"
     assert out["prompt_truncated"] is False and out["negative_prompt_truncated"] is False
     t = out["timings"]
-    assert set(t) == {"queue_wait", "text", "prior", "decoder", "vqgan", "encode", "total"}
+    assert set(t) == {
+        "queue_wait", "first_step", "text", "prior", "decoder", "vqgan", "encode", "total"
+    }  # fmt: skip
     assert all(v >= 0 for v in t.values()) and t["prior"] > 0 and t["decoder"] > 0
+    assert t["queue_wait"] <= t["first_step"] <= t["total"]
     assert t["total"] >= t["prior"] + t["decoder"]
     assert r.headers["x-request-id"] == out["id"]
 
@@ -68,7 +71,16 @@ def test_raw_png_response(api: LiveServer, how: str) -> None:
     assert r.headers["content-type"] == "image/png"
     assert pixels(r.content).shape == (192, 128, 3)
     assert r.headers["x-seed"] == "11" and r.headers["x-demo-weights"] == "true"
-    for name in ("queue_wait", "text", "prior", "decoder", "vqgan", "encode", "total"):
+    for name in (
+        "queue_wait",
+        "first_step",
+        "text",
+        "prior",
+        "decoder",
+        "vqgan",
+        "encode",
+        "total",
+    ):
         assert f"{name};dur=" in r.headers["server-timing"]
     # the same request as JSON carries the same image
     body["response_format"] = "b64_json"

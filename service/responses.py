@@ -165,7 +165,7 @@ def png_response(
             "vqgan",
             "encode",
             "total",
-        )  # fmt: skip
+        )
     )
     headers = {
         "X-Seed": str(done.result.seeds[0]),

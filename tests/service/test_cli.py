@@ -138,3 +138,16 @@ def test_a_port_taken_after_the_pre_flight_still_ends_in_one_message(
     assert status == 1
     err = capsys.readouterr().err
     assert f"could not listen on 127.0.0.1:{port}" in err and "--port or CASCADE_PORT" in err
+
+
+def test_the_readme_settings_table_shows_each_flag() -> None:
+    readme = (ROOT / "README.md").read_text()
+    rows = {}
+    for line in readme.split("## Settings", 1)[1].split("\n## ", 1)[0].splitlines():
+        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("CASCADE_"):
+            rows[cells[0]] = cells[1]
+    assert set(env_names()) <= set(rows)
+    for variable in env_names():
+        field = variable.removeprefix("CASCADE_").lower()
+        assert rows[variable] == FLAGS.get(field, ""), variable

@@ -75,7 +75,8 @@ def _found(root: Path) -> str:
         for p in [*root.iterdir(), *(c for d in root.iterdir() if d.is_dir() for c in d.iterdir())]
         if _is_pickle(p)
     )
-    shown = ", ".join(entries[:_LISTED]) + (", ..." if len(entries) > _LISTED else "")
+    more = len(entries) - _LISTED
+    shown = ", ".join(entries[:_LISTED]) + (f" and {more} more" if more > 0 else "")
     text = f"Found: {shown}."
     if pickles:
         text += (

@@ -2,7 +2,8 @@
 
 Built once in ``__main__`` (or by a test) and passed inward; nothing else reads the environment. A
 bad value raises ``SettingsError`` naming the variable, the value and what is allowed, and start-up
-stops there.
+stops there. The most used settings also have a command-line flag (``FLAGS``); a flag wins over its
+variable.
 """
 
 from __future__ import annotations
@@ -34,6 +35,19 @@ OTHER_VARIABLES = frozenset(
         "CASCADE_WEIGHTS_HOST_DIR",
     }
 )
+# Settings with a flag of `python -m service` / `cascade-serve` (field -> flag); the rest are
+# variables only. Equivalent to CASCADE_<FIELD>; given both, the flag wins.
+FLAGS = {
+    "host": "--host",
+    "port": "--port",
+    "weights_dir": "--weights",
+    "prior_variant": "--prior-variant",
+    "decoder_variant": "--decoder-variant",
+    "device": "--device",
+    "dtype": "--dtype",
+    "log_level": "--log-level",
+    "torch_threads": "--torch-threads",
+}
 logger = logging.getLogger("service.settings")
 
 
@@ -150,15 +164,22 @@ class Settings(BaseModel):
     @classmethod
     def _check_weights_dir(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_dir():
-            raise ValueError(f"{value} is not a directory")
+            raise ValueError(
+                f"{value} is not a directory; point it at a folder of downloaded weights, or "
+                "unset it to serve the built-in demo model"
+            )
         return value
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Read ``CASCADE_<FIELD>`` variables (empty ones count as unset); raise SettingsError on
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, flags: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Read ``CASCADE_<FIELD>`` variables (empty ones count as unset), then ``flags`` (field ->
+        raw value from the command line), which win over the variables; raise SettingsError on
         bad values."""
         environ = os.environ if environ is None else environ
         values: dict[str, str] = {}
+        from_flag: set[str] = set()
         for key, raw in environ.items():
             if not key.startswith(ENV_PREFIX) or raw == "" or key in OTHER_VARIABLES:
                 continue
@@ -171,6 +192,11 @@ class Settings(BaseModel):
                 logger.warning(
                     "ignoring unknown setting %s (known: %s)", key, ", ".join(env_names())
                 )
+        for name, raw in (flags or {}).items():
+            if name not in FLAGS:
+                raise ValueError(f"{name} has no command-line flag")
+            values[name] = raw
+            from_flag.add(name)
         try:
             return cls.model_validate(values)
         except ValidationError as exc:
@@ -181,10 +207,22 @@ class Settings(BaseModel):
                     continue
                 name = str(err["loc"][0])
                 shown = values.get(name, "")
-                problems.append(f"{ENV_PREFIX}{name.upper()}={shown!r}: {err['msg']}")
+                if name in from_flag:
+                    label = f"{FLAGS[name]}={shown!r} (or {ENV_PREFIX}{name.upper()})"
+                elif name in FLAGS:
+                    label = f"{ENV_PREFIX}{name.upper()}={shown!r} (or {FLAGS[name]})"
+                else:
+                    label = f"{ENV_PREFIX}{name.upper()}={shown!r}"
+                problems.append(f"{label}: {err['msg']}")
             raise SettingsError("invalid settings: " + "; ".join(problems)) from None
 
 
 def env_names() -> list[str]:
     """All ``CASCADE_*`` variable names, in declaration order."""
     return [ENV_PREFIX + name.upper() for name in Settings.model_fields]
+
+
+def setting_name(field: str) -> str:
+    """How messages name a setting: ``CASCADE_PORT (--port)``, or the variable alone."""
+    variable = ENV_PREFIX + field.upper()
+    return f"{variable} ({FLAGS[field]})" if field in FLAGS else variable

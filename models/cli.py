@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
     p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--seed", type=int, help="default: random (printed)")
+    p.add_argument("--seed", type=int, help=f"0 .. {MAX_SEED}; default: random (printed)")
     for name in _SAMPLING:
         p.add_argument("--" + name.replace("_", "-"), type=int if name.endswith("steps") else float)
     return p
@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:  # missing/broken weights (CheckpointError is a ValueError)
         print(f"error: cannot load the model: {err}", file=sys.stderr)
         return 2
-    seed = args.seed if args.seed is not None else secrets.randbelow(MAX_SEED - args.num_images + 2)
+    # Random, but every image's seed (seed + i) stays one the server accepts too.
+    random_seed = secrets.randbelow(max(1, MAX_SEED - args.num_images + 2))
+    seed = args.seed if args.seed is not None else random_seed
     given = {
         name: getattr(args, name)
         for name in ("width", "height", *_SAMPLING)

@@ -46,7 +46,7 @@ from models.text import TextEmbeddings, TextEncoder
 
 # on_step(stage "prior" | "decoder", step (1-based), total), called after each sampler step.
 StageCallback = Callable[[str, int, int], None]
-MAX_SEED = 2**63 - 1
+from models.request import MAX_SEED  # noqa: E402  (one seed bound for every caller)
 STAGE_C_COMPRESSION = 42.67  # pixels per Stage C latent cell (1024 px -> 24), spec §8
 
 

@@ -8,7 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-MAX_SEED = 2**32 - 1
+from models.request import MAX_SEED
+
 _FLOAT_FIELDS = frozenset({"prior_guidance_scale", "decoder_guidance_scale", "timeout_s"})
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 

@@ -55,7 +55,8 @@ def build_params(
     if body.num_images > settings.max_batch_images:
         raise InvalidRequest(
             f"num_images={body.num_images} is over the limit of {settings.max_batch_images} "
-            "per request",
+            "images per request (the server's CASCADE_MAX_BATCH_IMAGES setting, which also caps "
+            "a batch: the operator may raise it if the GPU memory allows)",
             field="num_images",
         )
     if raw_png and body.num_images > 1:
@@ -77,7 +78,8 @@ def build_params(
         text = getattr(body, name)
         if len(text) > settings.max_prompt_chars:
             raise InvalidRequest(
-                f"{name} is {len(text)} characters; the limit is {settings.max_prompt_chars}",
+                f"{name} is {len(text)} characters; the limit is {settings.max_prompt_chars} "
+                "(the server's CASCADE_MAX_PROMPT_CHARS setting)",
                 field=name,
             )
     given = {

@@ -80,6 +80,10 @@ PNG_200: dict[str, Any] = {
     "PNG with X-Seed, X-Prompt-Truncated, X-Demo-Weights and Server-Timing headers",
     "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
 }
+HEALTH_BODY = (
+    "Both health routes return the same body, a snapshot of the server (status, ready, model, "
+    "demo_weights, queue_depth, inflight_jobs, message); only their status codes differ."
+)
 
 
 def create_app(
@@ -132,16 +136,31 @@ def create_app(
         timings = timings_of(done, seconds, received_at)
         return json_response(done, b64, timings, engine.model_info, request.state.request_id)
 
-    @app.get("/health/live", response_model=Health, responses={503: {"model": Health}})
-    async def live() -> JSONResponse:
-        """200 while the process serves HTTP; 503 only if loading the model failed."""
-        failed = runtime.state == "failed"
-        body = Health(
-            status="failed" if failed else "alive",
+    def health() -> Health:
+        """The one snapshot both probes report (consistent: model is set exactly when loaded)."""
+        model = runtime.engine.model_info if runtime.engine is not None else None
+        # "stopped" is the last moment of draining, after the drain has finished
+        state = "draining" if runtime.state == "stopped" else runtime.state
+        return Health(
+            status=state,  # type: ignore[arg-type]
             ready=runtime.state == "ready",
+            model=model,
+            demo_weights=bool(model.get("demo")) if model is not None else None,
+            queue_depth=len(runtime.queue),
+            inflight_jobs=len(runtime.inflight),
             message=runtime.failure,
         )
-        return JSONResponse(body.model_dump(), status_code=503 if failed else 200)
+
+    @app.get(
+        "/health/live",
+        response_model=Health,
+        responses={503: {"model": Health, "description": "Loading the model failed"}},
+        description="200 while the process serves HTTP, whether loading, ready or draining; 503 "
+        "only if loading the model failed (the process then exits). " + HEALTH_BODY,
+    )
+    async def live() -> JSONResponse:
+        body = health()
+        return JSONResponse(body.model_dump(), status_code=503 if body.status == "failed" else 200)
 
     @app.get(
         "/health/ready",
@@ -153,24 +172,15 @@ def create_app(
                 "headers": RETRY_AFTER,
             }
         },
+        description="200 once the model is loaded and warmed up and while the server takes "
+        "requests; 503 (with Retry-After) before that, while draining, or after a failed load. "
+        + HEALTH_BODY,
     )
     async def ready() -> JSONResponse:
-        """200 once the model is loaded and warmed up; 503 before that, while draining, or after
-        failure."""
-        is_ready = runtime.state == "ready"
-        model = runtime.engine.model_info if runtime.engine else None
-        body = Health(
-            status=runtime.state if runtime.state != "stopped" else "draining",  # type: ignore[arg-type]
-            ready=is_ready,
-            model=model,
-            demo_weights=bool(model.get("demo")) if model else None,
-            queue_depth=len(runtime.queue),
-            inflight_jobs=len(runtime.inflight),
-            message=runtime.failure,
-        )
-        headers = {} if is_ready else {"Retry-After": str(settings.retry_after_s)}
+        body = health()
+        headers = {} if body.ready else {"Retry-After": str(settings.retry_after_s)}
         return JSONResponse(
-            body.model_dump(), status_code=200 if is_ready else 503, headers=headers
+            body.model_dump(), status_code=200 if body.ready else 503, headers=headers
         )
 
     @app.get(

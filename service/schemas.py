@@ -144,10 +144,24 @@ class ErrorResponse(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["starting", "ready", "draining", "failed", "alive"]
-    ready: bool
-    model: dict[str, str | bool] | None = None
-    demo_weights: bool | None = None
-    queue_depth: int = 0
-    inflight_jobs: int = 0
-    message: str | None = None
+    """The body of both health probes: the same snapshot of the server; only the HTTP status
+    differs (``/health/live``: 503 only after a failed model load; ``/health/ready``: 200 only
+    when ready)."""
+
+    status: Literal["starting", "ready", "draining", "failed"] = Field(
+        ...,
+        description="starting: loading or warming up the model; ready: taking requests; "
+        "draining: shutting down, finishing admitted requests; failed: the model could not load.",
+    )
+    ready: bool = Field(..., description="status == ready: new requests are admitted.")
+    model: dict[str, str | bool] | None = Field(
+        None, description="Identity of the loaded model; null until it has loaded."
+    )
+    demo_weights: bool | None = Field(
+        None, description="The loaded model is the built-in demo model; null until it has loaded."
+    )
+    queue_depth: int = Field(..., description="Jobs waiting in the queue.")
+    inflight_jobs: int = Field(
+        ..., description="Jobs admitted and not yet answered (queued or computing)."
+    )
+    message: str | None = Field(None, description="Why loading failed, when status is failed.")

@@ -210,10 +210,16 @@ def test_unknown_route_is_a_json_404(api: LiveServer) -> None:
 
 
 def test_health_endpoints_when_ready(api: LiveServer) -> None:
-    assert api.client.get("/health/live").status_code == 200
+    live = api.client.get("/health/live")
     r = api.client.get("/health/ready")
-    assert r.status_code == 200
+    assert live.status_code == 200 and r.status_code == 200
     assert r.json()["status"] == "ready" and r.json()["demo_weights"] is True
+    # One snapshot, two probes: the same body (ready with a model, never ready with model null).
+    assert live.json() == r.json()
+    assert r.json()["ready"] is True and r.json()["model"]["name"] == "tiny-random"
+    assert set(r.json()) == {
+        "status", "ready", "model", "demo_weights", "queue_depth", "inflight_jobs", "message"
+    }  # fmt: skip
 
 
 def test_openapi_documents_every_route_and_error(api: LiveServer) -> None:

@@ -33,6 +33,7 @@ from service.responses import (
     encode_each,
     json_response,
     png_response,
+    prompt_warnings,
     timings_of,
     wants_png,
 )
@@ -77,8 +78,16 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 PNG_200: dict[str, Any] = {
     "description": "JSON with base64 PNGs, or (Accept: image/png / response_format=png) the raw "
-    "PNG with X-Seed, X-Prompt-Truncated, X-Demo-Weights and Server-Timing headers",
+    "PNG with X-Seed, X-Prompt-Truncated, X-Demo-Weights and Server-Timing headers. Either way, "
+    "X-Cascade-Warning (only when there is one) repeats the body's warnings on one ASCII line: "
+    "the demo model's notice that a prompt is outside what it was trained on",
     "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+    "headers": {
+        "X-Cascade-Warning": {
+            "description": "The warnings of the request, on one ASCII line; absent when none",
+            "schema": {"type": "string"},
+        }
+    },
 }
 HEALTH_BODY = (
     "Both health routes return the same body, a snapshot of the server (status, ready, model, "
@@ -122,19 +131,21 @@ def create_app(
         engine = runtime.accepting()
         raw_png = wants_png(body.response_format, request.headers.get("accept", ""))
         params = build_params(body, engine, settings, raw_png)
+        warnings = prompt_warnings(body, engine.model_info)
         job = runtime.submit(params, body.timeout_s, request.state.request_id)
         done = await runtime.wait(job, request.receive)
         request.state.outcome = "ok"
         if raw_png:
             (png,), seconds = await encode_each(runtime.encode, encode_png, done.result.images)
             metrics.encode_duration.labels("png").observe(seconds)
-            return png_response(
-                done, png, timings_of(done, seconds, received_at), engine.model_info
-            )
+            timings = timings_of(done, seconds, received_at)
+            return png_response(done, png, timings, engine.model_info, warnings)
         b64, seconds = await encode_each(runtime.encode, encode_b64_png, done.result.images)
         metrics.encode_duration.labels("b64_json").observe(seconds)
         timings = timings_of(done, seconds, received_at)
-        return json_response(done, b64, timings, engine.model_info, request.state.request_id)
+        return json_response(
+            done, b64, timings, engine.model_info, request.state.request_id, warnings
+        )
 
     def health() -> Health:
         """The one snapshot both probes report (consistent: model is set exactly when loaded)."""

@@ -127,6 +127,12 @@ class GenerateResponse(BaseModel):
         ..., description="The prompt was longer than the text encoder reads."
     )
     negative_prompt_truncated: bool
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="Things about this request the model could not honour, for a person to read "
+        "(also the X-Cascade-Warning header). Today only the demo model warns: about a prompt or "
+        "negative prompt outside the words and sentence form it was trained on. Empty otherwise.",
+    )
     timings: Timings
 
 

@@ -1,5 +1,5 @@
-"""The CLI on the demo model: seeds in the server's range (0 .. 2^32-1) so that a CLI image can be
-reproduced over HTTP."""
+"""The CLI on the demo model: the warning about a prompt the model does not know, and seeds in the
+server's range (0 .. 2^32-1) so that a CLI image can be reproduced over HTTP."""
 
 from __future__ import annotations
 
@@ -18,6 +18,17 @@ def test_one_seed_bound_for_the_cli_the_api_and_the_pipeline() -> None:
     assert pipeline.MAX_SEED is request.MAX_SEED and cli.MAX_SEED is request.MAX_SEED
     seed_schema = schemas.GenerateRequest.model_json_schema()["properties"]["seed"]["anyOf"][0]
     assert seed_schema["maximum"] == request.MAX_SEED
+
+
+def test_a_prompt_outside_the_vocabulary_is_warned_about(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "horse.png"
+    assert cli.main(["an astronaut riding a horse", "-o", str(out), "--seed", "1", *FAST]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the demo model does not know the words 'an', 'astronaut'" in err
+    assert "real weights (--weights DIR)" in err and out.is_file()
+    known = "a red circle at the left on a blue background"
+    assert cli.main([known, "-o", str(out), "--seed", "1", *FAST]) == 0
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_a_random_seed_is_one_the_server_accepts(

@@ -50,6 +50,8 @@ def test_json_response_has_images_seeds_timings_and_model(api: LiveServer) -> No
     assert (out["width"], out["height"]) == (192, 128)
     assert out["model"]["demo"] is True and out["model"]["name"] == "tiny-random"
     assert out["prompt_truncated"] is False and out["negative_prompt_truncated"] is False
+    # The tiny random model declares no prompts it knows, so it has nothing to warn about.
+    assert out["warnings"] == [] and "x-cascade-warning" not in r.headers
     t = out["timings"]
     assert set(t) == {"queue_wait", "text", "prior", "decoder", "vqgan", "encode", "total"}
     assert all(v >= 0 for v in t.values()) and t["prior"] > 0 and t["decoder"] > 0

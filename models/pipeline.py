@@ -23,6 +23,7 @@ from models.config import StageAConfig, StageBConfig
 from models.cuda_graphs import GraphCache
 from models.job_state import JobState, StepEvent
 from models.request import (
+    MAX_SEED,
     BatchOutput,
     GenerationParams,
     GenerationResult,
@@ -36,7 +37,6 @@ from models.text import TextEncoder
 
 # on_step(stage "prior" | "decoder", step (1-based), total), called after each sampler step.
 StageCallback = Callable[[str, int, int], None]
-MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.access_log import install_access_log
-from service.auth import bearer_token, install_auth
+from service.auth import install_auth, read_authorization
 from service.engine import Pipeline, load_pipeline
 from service.errors import InternalError, InvalidJson, InvalidRequest, ServiceError
 from service.imaging import encode_b64_png, encode_png
@@ -34,6 +34,7 @@ from service.responses import (
     encode_each,
     json_response,
     png_response,
+    prompt_warnings,
     timings_of,
     wants_png,
 )
@@ -83,9 +84,21 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 PNG_200: dict[str, Any] = {
     "description": "JSON with base64 PNGs, or (Accept: image/png / response_format=png) the raw "
-    "PNG with X-Seed, X-Prompt-Truncated, X-Demo-Weights and Server-Timing headers",
+    "PNG with X-Seed, X-Prompt-Truncated, X-Demo-Weights and Server-Timing headers. Either way, "
+    "X-Cascade-Warning (only when there is one) repeats the body's warnings on one ASCII line: "
+    "the demo model's notice that a prompt is outside what it was trained on",
     "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+    "headers": {
+        "X-Cascade-Warning": {
+            "description": "The warnings of the request, on one ASCII line; absent when none",
+            "schema": {"type": "string"},
+        }
+    },
 }
+HEALTH_BODY = (
+    "Both health routes return the same body, a snapshot of the server (status, ready, model, "
+    "demo_weights, queue_depth, inflight_jobs, message); only their status codes differ."
+)
 
 
 def create_app(
@@ -124,19 +137,21 @@ def create_app(
         engine = runtime.accepting()
         raw_png = wants_png(body.response_format, request.headers.get("accept", ""))
         params = build_params(body, engine, settings, raw_png)
+        warnings = prompt_warnings(body, engine.model_info)
         job = runtime.submit(params, body.timeout_s, request.state.request_id, _owner(request))
         done = await runtime.wait(job, request.receive)
         request.state.outcome = "ok"
         if raw_png:
             (png,), seconds = await encode_each(runtime.encode, encode_png, done.result.images)
             metrics.encode_duration.labels("png").observe(seconds)
-            return png_response(
-                done, png, timings_of(done, seconds, received_at), engine.model_info
-            )
+            timings = timings_of(done, seconds, received_at)
+            return png_response(done, png, timings, engine.model_info, warnings)
         b64, seconds = await encode_each(runtime.encode, encode_b64_png, done.result.images)
         metrics.encode_duration.labels("b64_json").observe(seconds)
         timings = timings_of(done, seconds, received_at)
-        return json_response(done, b64, timings, engine.model_info, request.state.request_id)
+        return json_response(
+            done, b64, timings, engine.model_info, request.state.request_id, warnings
+        )
 
     @app.get(
         "/v1/requests/{request_id}",
@@ -162,16 +177,31 @@ def create_app(
         keys on, only the key that submitted it may cancel it (others get 404)."""
         return JSONResponse(runtime.cancel(request_id, _owner(request)))
 
-    @app.get("/health/live", response_model=Health, responses={503: {"model": Health}})
-    async def live() -> JSONResponse:
-        """200 while the process serves HTTP; 503 only if loading the model failed."""
-        failed = runtime.state == "failed"
-        body = Health(
-            status="failed" if failed else "alive",
+    def health() -> Health:
+        """The one snapshot both probes report (consistent: model is set exactly when loaded)."""
+        model = runtime.engine.model_info if runtime.engine is not None else None
+        # "stopped" is the last moment of draining, after the drain has finished
+        state = "draining" if runtime.state == "stopped" else runtime.state
+        return Health(
+            status=state,  # type: ignore[arg-type]
             ready=runtime.state == "ready",
+            model=model,
+            demo_weights=bool(model.get("demo")) if model is not None else None,
+            queue_depth=len(runtime.queue),
+            inflight_jobs=len(runtime.inflight),
             message=runtime.failure,
         )
-        return JSONResponse(body.model_dump(), status_code=503 if failed else 200)
+
+    @app.get(
+        "/health/live",
+        response_model=Health,
+        responses={503: {"model": Health, "description": "Loading the model failed"}},
+        description="200 while the process serves HTTP, whether loading, ready or draining; 503 "
+        "only if loading the model failed (the process then exits). " + HEALTH_BODY,
+    )
+    async def live() -> JSONResponse:
+        body = health()
+        return JSONResponse(body.model_dump(), status_code=503 if body.status == "failed" else 200)
 
     @app.get(
         "/health/ready",
@@ -183,24 +213,15 @@ def create_app(
                 "headers": RETRY_AFTER,
             }
         },
+        description="200 once the model is loaded and warmed up and while the server takes "
+        "requests; 503 (with Retry-After) before that, while draining, or after a failed load. "
+        + HEALTH_BODY,
     )
     async def ready() -> JSONResponse:
-        """200 once the model is loaded and warmed up; 503 before that, while draining, or after
-        failure."""
-        is_ready = runtime.state == "ready"
-        model = runtime.engine.model_info if runtime.engine else None
-        body = Health(
-            status=runtime.state if runtime.state != "stopped" else "draining",  # type: ignore[arg-type]
-            ready=is_ready,
-            model=model,
-            demo_weights=bool(model.get("demo")) if model else None,
-            queue_depth=len(runtime.queue),
-            inflight_jobs=len(runtime.inflight),
-            message=runtime.failure,
-        )
-        headers = {} if is_ready else {"Retry-After": str(settings.retry_after_s)}
+        body = health()
+        headers = {} if body.ready else {"Retry-After": str(settings.retry_after_s)}
         return JSONResponse(
-            body.model_dump(), status_code=200 if is_ready else 503, headers=headers
+            body.model_dump(), status_code=200 if body.ready else 503, headers=headers
         )
 
     @app.get(
@@ -290,7 +311,7 @@ def _owner(request: Request) -> str | None:
     one who may see or cancel it."""
     if not getattr(request.app.state, "auth_enabled", False):
         return None
-    token = bearer_token(request.headers.raw) or ""
+    token = read_authorization(request.headers.raw).token or ""
     return hashlib.sha256(token.encode()).hexdigest()[:32]
 
 

@@ -115,7 +115,11 @@ class Runtime:
     def accepting(self) -> Engine:
         """The engine, if new requests are admitted now; else Draining or NotReady (503)."""
         if self.state in ("draining", "stopped"):
-            raise Draining("the server is shutting down; send the request to another replica")
+            raise Draining(
+                "the server is shutting down and takes no new requests; retry after the "
+                "Retry-After delay (behind a load balancer another replica takes it; a single "
+                "server answers again once restarted)"
+            )
         if self.state != "ready" or self.engine is None:
             raise NotReady(
                 self.failure or "the model is still loading; retry after the Retry-After delay"
@@ -243,7 +247,11 @@ class Runtime:
         for job in list(self.inflight):
             if not job.started:
                 job.cancel(
-                    Draining("the server shut down before this request started; retry elsewhere")
+                    Draining(
+                        "the server shut down before this request started (it was not computed); "
+                        "retry after the Retry-After delay, on another replica or on this server "
+                        "once restarted"
+                    )
                 )
         logger.info("drained")
 
@@ -254,7 +262,12 @@ class Runtime:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for job in list(self.inflight):
-            job.fail(Draining("the server stopped before this request finished; retry elsewhere"))
+            job.fail(
+                Draining(
+                    "the server stopped before this request finished; retry after the "
+                    "Retry-After delay, on another replica or on this server once restarted"
+                )
+            )
         self._set_state("stopped")
         if self._thread is not None:
             self._thread.stop()

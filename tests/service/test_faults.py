@@ -229,13 +229,17 @@ def test_not_ready_until_warm_up_has_run(tiny_pipeline: Any) -> None:
     pipeline.gate.clear()
     with serve(pipeline, ready=False, retry_after_s=3) as live:
         assert pipeline.entered.wait(WAIT_S)  # warm-up generation is running (held)
-        assert live.client.get("/health/live").status_code == 200
+        alive = live.client.get("/health/live")
+        assert alive.status_code == 200
         r = live.client.get("/health/ready")
         assert (
             r.status_code == 503
             and r.json()["status"] == "starting"
             and r.headers["retry-after"] == "3"
         )
+        # Both probes report the same state: not ready, no model yet.
+        assert alive.json() == r.json()
+        assert r.json()["ready"] is False and r.json()["model"] is None
         r = live.client.post("/v1/generate", json={"prompt": "too early"})
         assert (
             r.status_code == 503
@@ -258,9 +262,10 @@ def test_failed_model_load_turns_liveness_503_and_asks_to_stop(tiny_pipeline: An
     app.state.runtime.on_fatal = stopped.set
     with serve_app(app) as live:
         assert stopped.wait(WAIT_S)
-        r = live.client.get("/health/live")
-        assert r.status_code == 503 and "no weights under /nowhere" in r.json()["message"]
+        alive = live.client.get("/health/live")
+        assert alive.status_code == 503 and "no weights under /nowhere" in alive.json()["message"]
         r = live.client.get("/health/ready")
         assert r.status_code == 503 and r.json()["status"] == "failed"
+        assert alive.json() == r.json() and r.json()["model"] is None
         r = live.client.post("/v1/generate", json={"prompt": "a"})
         assert r.status_code == 503 and "FileNotFoundError" in r.json()["error"]["message"]

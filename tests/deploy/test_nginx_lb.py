@@ -10,6 +10,7 @@ import json
 import math
 import re
 import signal
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -22,7 +23,16 @@ import httpx
 
 from tests.deploy.nginx_runner import running_nginx
 from tests.deploy.processes import Replica, free_port, start_replica, wait_ready
-from tests.deploy.rendering import NGINX_CONF, render_nginx_conf
+from tests.deploy.rendering import (
+    NGINX_CONF,
+    REPLICA_HOSTS,
+    nginx_replica_list,
+    render_nginx_conf,
+    render_nginx_main,
+)
+from tests.deploy.tooling import find_tool
+
+SETUPS = ("one-gpu", "two-gpus")  # docker/replicas/<setup>.nginx.conf
 
 CLIENTS = 8  # concurrent clients: enough that each replica always has work in flight
 BEFORE_S = 2.5  # load on both replicas before the SIGTERM
@@ -33,10 +43,17 @@ SIGNAL_SLACK_S = 0.5
 
 
 def fail_timeout_s() -> float:
-    """fail_timeout of the replica servers in the shipped config (how long a failed replica stays out)."""
-    values = set(
-        re.findall(r"^\s*server\s+\S+.*\bfail_timeout=(\d+)s", NGINX_CONF.read_text(), re.MULTILINE)
-    )
+    """fail_timeout of the replica servers in the shipped replica lists (how long a failed replica
+    stays out)."""
+    values = {
+        value
+        for setup in SETUPS
+        for value in re.findall(
+            r"^\s*server\s+\S+.*\bfail_timeout=(\d+)s",
+            nginx_replica_list(setup).read_text(),
+            re.MULTILINE,
+        )
+    }
     assert len(values) == 1, f"expected one fail_timeout for all replicas, found {values}"
     return float(values.pop())
 
@@ -272,5 +289,36 @@ def test_the_loopback_copy_differs_from_the_shipped_file_only_in_addresses_ports
     shipped, rendered = NGINX_CONF.read_text().splitlines(), conf.read_text().splitlines()
     assert len(shipped) == len(rendered)
     changed = [(old, new) for old, new in zip(shipped, rendered) if old != new]
-    allowed = re.compile(r"\s*(server |listen |pid |access_log |error_log |\w+_temp_path )")
+    allowed = re.compile(r"\s*(include |listen |pid |access_log |error_log |\w+_temp_path )")
     assert changed and all(allowed.match(old) for old, _ in changed), changed
+
+    shipped = nginx_replica_list("two-gpus").read_text().splitlines()
+    rendered = (tmp_path / "cascade-replicas.conf").read_text().splitlines()
+    changed = [(old, new) for old, new in zip(shipped, rendered) if old != new]
+    assert len(shipped) == len(rendered) and len(changed) == len(REPLICA_HOSTS), changed
+
+
+def test_nginx_accepts_the_config_with_each_replica_list(tmp_path: Path) -> None:
+    """`nginx -t` on docker/nginx.conf with each setup's list, names mapped to loopback: the
+    one-GPU list alone is a complete upstream too."""
+    nginx_bin = find_tool("nginx")
+    for setup in SETUPS:
+        work = tmp_path / setup
+        work.mkdir()
+        listed = nginx_replica_list(setup)
+        replicas = work / "cascade-replicas.conf"
+        text = listed.read_text()
+        names = re.findall(r"^server (cascade-\d+):8000 ", text, re.MULTILINE)
+        assert names, f"{listed.name} lists no replica"
+        for i, name in enumerate(names):
+            text = text.replace(f"server {name}:8000 ", f"server 127.0.0.{i + 1}:8000 ")
+        replicas.write_text(text)
+        conf = render_nginx_main(work, replicas, free_port())
+        check = subprocess.run(
+            [nginx_bin, "-t", "-e", str(work / "startup.log"), "-p", str(work), "-c", str(conf)],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert check.returncode == 0, f"{setup}: nginx -t failed:\n{check.stderr}"

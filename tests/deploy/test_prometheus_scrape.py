@@ -27,7 +27,7 @@ from tests.deploy.tooling import REPO, find_tool
 
 # The shipped scrape interval is 5 s; this only bounds the wait, generously for a loaded 2-core machine.
 SCRAPE_WAIT_S = 90.0
-ADAPTER_CONFIG = REPO / "deploy" / "k8s" / "prometheus-adapter-config.yaml"
+ADAPTER_CONFIG = REPO / "deploy" / "k8s" / "prometheus-adapter" / "prometheus-adapter-config.yaml"
 
 
 def promtool_check(config: Path) -> subprocess.CompletedProcess[str]:

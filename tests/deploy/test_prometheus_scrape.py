@@ -97,7 +97,7 @@ def prometheus(
     try:
         wait_until(
             lambda: http_ok(f"http://127.0.0.1:{port}/-/ready"),
-            30,
+            SCRAPE_WAIT_S,
             "prometheus /-/ready",
             proc=proc,
         )

@@ -95,7 +95,7 @@ def test_dashboard_reads_only_metrics_a_running_server_exposes(
     # One generation and one refusal, so that every labelled series (request duration, batches,
     # rejections, ...) has samples.
     r = httpx.post(
-        f"{replica.url}/v1/generate", json={"prompt": "a green square", "seed": 3}, timeout=60
+        f"{replica.url}/v1/generate", json={"prompt": "a green square", "seed": 3}, timeout=120
     )
     assert r.status_code == 200, r.text
     r = httpx.post(f"{replica.url}/v1/generate", json={"prompt": ""}, timeout=60)

@@ -98,6 +98,11 @@ def serve(
         log_level=settings.log_level,
         lifespan="on",
         access_log=False,  # service/access_log.py writes one structured line per request
+        # Idle keep-alive connections are closed after this long. It must outlast the idle timeout
+        # of every client pool and proxy in front (httpx 5 s, nginx upstream 60 s): when both sides
+        # time out together, a client can send on a connection the server is closing and get no
+        # answer (bench/keepalive_race.py).
+        timeout_keep_alive=settings.keep_alive_s,
         # After the drain, responses still being written get this long before uvicorn cancels them.
         timeout_graceful_shutdown=5,
     )

@@ -125,6 +125,13 @@ class Settings(BaseModel):
         30.0, ge=0, description="On SIGTERM, how long queued and running jobs get to finish."
     )
     retry_after_s: int = Field(5, ge=0, description="Retry-After seconds sent with every 503.")
+    keep_alive_s: float = Field(
+        75.0,
+        gt=0,
+        le=3600,
+        description="Seconds an idle keep-alive connection stays open; keep it above the idle "
+        "timeout of the clients and proxies in front (nginx upstream: 60 s, httpx: 5 s).",
+    )
     max_body_bytes: int = Field(
         65_536, ge=1024, description="Largest request body accepted (413 above), chunked or not."
     )

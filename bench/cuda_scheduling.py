@@ -38,6 +38,22 @@ class _Active:
     def group(self) -> Any:
         return self.state.group_key if self.state.stage in (Stage.PRIOR, Stage.DECODER) else None
 
+    @property
+    def stage(self) -> str:
+        return self.state.stage.value
+
+    @property
+    def step(self) -> int:
+        return self.state.position.step
+
+    @property
+    def total(self) -> int:
+        return self.state.position.total
+
+    @property
+    def size(self) -> Any:
+        return (self.state.params.width, self.state.params.height)
+
 
 def _requests(px: int, prior_steps: int, decoder_steps: int) -> list[GenerationParams]:
     return [
@@ -67,7 +83,9 @@ def _static(pipe: Any, reqs: list[GenerationParams], gap: float, sync: Any) -> t
     return latencies, results
 
 
-def _continuous(pipe: Any, reqs: list[GenerationParams], gap: float, sync: Any) -> tuple[list, list]:
+def _continuous(
+    pipe: Any, reqs: list[GenerationParams], gap: float, sync: Any
+) -> tuple[list, list]:
     start, next_req, active, latencies, results = time.perf_counter(), 0, [], [], []
     while len(results) < len(reqs):
         now = time.perf_counter() - start
@@ -93,7 +111,9 @@ def _continuous(pipe: Any, reqs: list[GenerationParams], gap: float, sync: Any) 
     return latencies, results
 
 
-def bench_scheduling(rep: Any, device: torch.device, sizes: list[str], tiny: bool, build: Any) -> None:
+def bench_scheduling(
+    rep: Any, device: torch.device, sizes: list[str], tiny: bool, build: Any
+) -> None:
     """``build(size)`` -> a CascadePipeline of the released networks (random weights, bfloat16)."""
 
     def sync() -> None:

@@ -293,6 +293,22 @@ class _View:
     def group(self) -> Any:
         return self.job.work.group_key if self.job.stage in ("prior", "decoder") else None
 
+    @property
+    def stage(self) -> str:
+        return self.job.stage
+
+    @property
+    def step(self) -> int:
+        return self.job.step
+
+    @property
+    def total(self) -> int:
+        return self.job.total
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (self.job.params.width, self.job.params.height)
+
 
 def _deadline_message(job: Job, now: float) -> str:
     waited = now - job.enqueued_at

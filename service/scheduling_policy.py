@@ -14,11 +14,20 @@ The continuous policy:
   overtaken by a stream of small ones. Admitted jobs join the group of their stage at its next
   step; nobody waits for a running batch to end.
 - **Group choice, oldest job first.** The group advanced is the one holding the earliest-admitted
-  job that has a step to run. Since every admitted job ends after a bounded number of steps and
-  admission is FIFO, each job's group is chosen within a bounded number of iterations: neither a
-  rare size nor either stage starves. Finishing jobs in arrival order minimises mean latency when
-  steps cost about the same, and it keeps groups in step with each other under load: jobs admitted
-  while older ones run in another stage wait at step 0 and then run together, as a batch would.
+  job that has a step to run (its *head*). Since every admitted job ends after a bounded number of
+  steps and admission is FIFO, each job's group is chosen within a bounded number of iterations:
+  neither a rare size nor either stage starves.
+- **Catching up at the Stage C -> Stage B boundary.** A forward costs nearly the same with one image
+  as with several (the networks are bound by their fixed per-forward work at serving sizes), so
+  what decides both throughput and latency is how full the forwards are. Jobs that joined a group
+  later are some Stage C steps behind; if the head went on into Stage B alone, they would finish
+  Stage C and then run all of Stage B in forwards of their own. So when the head is about to start
+  Stage B and same-size jobs are still in Stage C, the jobs closest to the end of Stage C are
+  advanced first, as long as (their steps left) x (images waiting at the boundary) <= ``catch_up``
+  (image-steps of delay accepted to merge; 0 turns this off) and the waiting images do not already
+  fill a forward. They then enter Stage B together with the head. The head's delay is bounded
+  (each wait needs more images waiting, and stops once they fill a forward), so this keeps the
+  no-starvation bound.
 - **Rows of the chosen group, oldest first**, while their images fit in ``max_batch_images``; a
   job that does not fit is passed over for younger ones that do (it is still the oldest of the
   jobs left out, so it goes first next time its group is chosen).
@@ -46,7 +55,8 @@ class Queued(Protocol):
 class Active(Protocol):
     """What group choice needs to know of an active job: ``order`` is its admission sequence
     number (smaller = admitted earlier); ``group`` its group key, None when it has no step to run
-    (e.g. waiting for Stage A)."""
+    (e.g. waiting for Stage A); ``stage`` "prior" or "decoder"; ``step`` / ``total`` its position
+    in that stage; ``size`` its image size (jobs of one size share a Stage B group)."""
 
     @property
     def images(self) -> int: ...
@@ -56,6 +66,18 @@ class Active(Protocol):
 
     @property
     def group(self) -> Hashable | None: ...
+
+    @property
+    def stage(self) -> str: ...
+
+    @property
+    def step(self) -> int: ...
+
+    @property
+    def total(self) -> int: ...
+
+    @property
+    def size(self) -> Hashable: ...
 
 
 Q = TypeVar("Q", bound=Queued)
@@ -87,17 +109,30 @@ def admit(queued: Iterable[Q], active_images: int, max_active_images: int) -> li
     return chosen
 
 
-def choose_group(active: Sequence[A], max_batch_images: int) -> list[A]:
-    """The jobs to advance by one step: members of the group of the earliest-admitted steppable
-    job, oldest first, while they fit in ``max_batch_images`` images (the first one always goes,
-    even if larger). Empty when no active job has a step to run."""
+CATCH_UP = 30  # image-steps of delay the head accepts at the Stage B boundary to merge (docstring)
+
+
+def choose_group(active: Sequence[A], max_batch_images: int, catch_up: int = CATCH_UP) -> list[A]:
+    """The jobs to advance by one step: the head's group (or the catching-up Stage C jobs, see the
+    module docstring), oldest first (catching-up jobs: closest to the end first), while they fit in
+    ``max_batch_images`` images (the first one always goes, even if larger). Empty when no active
+    job has a step to run."""
     steppable = [job for job in active if job.group is not None]
     if not steppable:
         return []
     head = min(steppable, key=lambda job: job.order)
-    members = sorted((j for j in steppable if j.group == head.group), key=lambda j: j.order)
+    order = lambda job: job.order
+    if head.stage == "decoder" and head.step == 0 and catch_up > 0:
+        waiting = sum(j.images for j in steppable if j.group == head.group and j.step == 0)
+        behind = [j for j in steppable if j.stage == "prior" and j.size == head.size]
+        if behind and waiting < max_batch_images:
+            lead = min(behind, key=lambda j: (j.total - j.step, j.order))
+            if (lead.total - lead.step) * waiting <= catch_up:
+                head = lead
+                order = lambda job: (job.total - job.step, job.order)
+    members = sorted((j for j in steppable if j.group == head.group and j is not head), key=order)
     chosen, room = [head], max_batch_images - head.images
-    for job in members[1:]:
+    for job in members:
         if job.images <= room:
             chosen.append(job)
             room -= job.images

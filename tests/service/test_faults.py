@@ -214,8 +214,9 @@ def test_out_of_memory_shrinks_the_group_and_succeeds(
         assert blocker.result().status_code == 200
         assert [f.result().status_code for f in futures] == [200, 200, 200]
         assert live.metric("cascade_batches_total", outcome="oom") >= 1
-        # after the first out-of-memory split the group stays small: few further attempts fail
-        assert live.metric("cascade_batches_total", outcome="oom") <= 4
+        # after a group's out-of-memory splits it stays small: a few attempts per group key fail
+        # (Stage C and Stage B groups), not one per step
+        assert live.metric("cascade_batches_total", outcome="oom") <= 8
         assert all(len(step) == 1 for step in pipeline.steps[-5:])
         # a single request that cannot fit fails with a clear 500, and the server keeps serving
         r = live.client.post("/v1/generate", json={"prompt": "big", "num_images": 2})

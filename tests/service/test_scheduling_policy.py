@@ -37,13 +37,25 @@ class FakeJob:
             return ("decoder", self.size)
         return None
 
+    @property
+    def stage(self) -> str:
+        return "prior" if self.done_steps < self.prior else "decoder"
+
+    @property
+    def step(self) -> int:
+        return self.done_steps if self.stage == "prior" else self.done_steps - self.prior
+
+    @property
+    def total(self) -> int:
+        return self.prior if self.stage == "prior" else self.decoder
+
 
 class FakeScheduler:
     """Drives the policy as service/scheduler.py does: admit, choose, step; one time unit per
     step (the fake clock)."""
 
-    def __init__(self, max_batch: int, max_active: int) -> None:
-        self.max_batch, self.max_active = max_batch, max_active
+    def __init__(self, max_batch: int, max_active: int, catch_up: int = policy.CATCH_UP) -> None:
+        self.max_batch, self.max_active, self.catch_up = max_batch, max_active, catch_up
         self.now, self.queue, self.active, self.finished = 0.0, [], [], []
         self.next_order = 0
 
@@ -56,7 +68,7 @@ class FakeScheduler:
             self.queue.remove(job)
             job.order, self.next_order = self.next_order, self.next_order + 1
             self.active.append(job)
-        group = policy.choose_group(self.active, self.max_batch)
+        group = policy.choose_group(self.active, self.max_batch, self.catch_up)
         self.now += 1
         for job in group:
             job.done_steps += 1
@@ -81,6 +93,7 @@ def test_the_oldest_jobs_group_goes_first_with_younger_members_that_fit():
     assert policy.choose_group([d, c, b, a], max_batch_images=4) == [a, c, d]
     a.done_steps = 30  # a waits for Stage A: b's group is now the oldest steppable one
     assert policy.choose_group([d, c, b, a], max_batch_images=4) == [b]
+    assert policy.choose_group([d, c, b, a], max_batch_images=4, catch_up=0) == [b]
     assert policy.choose_group([], 4) == []
 
 
@@ -128,3 +141,38 @@ def test_forwards_never_exceed_the_image_bound():
         group = sched.iterate()
         assert sum(j.images for j in group) <= 4 or len(group) == 1
         assert sum(j.images for j in sched.active) <= 12
+
+
+def test_jobs_a_few_steps_behind_catch_up_before_the_head_starts_stage_b():
+    head, behind, far = FakeJob("head"), FakeJob("behind"), FakeJob("far", images=2)
+    for order, job in enumerate((head, behind, far)):
+        job.order = order
+    head.done_steps, behind.done_steps, far.done_steps = 20, 15, 2  # head at Stage B step 0
+    # behind: 5 steps left x 1 image waiting <= 30: it goes first (far shares its Stage C forward)
+    assert policy.choose_group([head, behind, far], 4) == [behind, far]
+    assert policy.choose_group([head, behind, far], 4, catch_up=0) == [head]
+    behind.done_steps = 20  # now both wait at the boundary: far is 18 steps x 2 images away
+    assert policy.choose_group([head, behind, far], 4) == [head, behind]
+    head.done_steps = 21  # once the head is into Stage B it does not wait again
+    behind.done_steps = 12
+    assert policy.choose_group([head, behind, far], 4)[0] is head
+
+
+def test_merging_at_the_boundary_fills_forwards_and_ends_sooner():
+    """A job arriving a few steps after another: with catch-up both run Stage B in shared
+    forwards; without it the late one runs its Stage B alone."""
+    results = {}
+    for catch_up in (0, policy.CATCH_UP):
+        sched = FakeScheduler(max_batch=4, max_active=8, catch_up=catch_up)
+        first, late = FakeJob("first"), FakeJob("late")
+        sched.queue.append(first)
+        for _ in range(4):
+            sched.iterate()
+        sched.queue.append(late)
+        while sched.active or sched.queue:
+            sched.iterate()
+        results[catch_up] = (sched.now, first.finished_at, late.finished_at)
+    forwards_without, _, late_without = results[0]
+    forwards_with, first_with, late_with = results[policy.CATCH_UP]
+    assert forwards_with < forwards_without and late_with < late_without
+    assert first_with <= 30 + 4 + 1  # the head waited at most the 4 catch-up steps

@@ -27,7 +27,7 @@ from service.errors import (
     NotReady,
     RequestIdInUse,
 )
-from service.job_registry import JobRegistry
+from service.job_registry import Finished, JobRegistry
 from service.jobs import Job, JobQueue, JobResult
 from service.metrics import Metrics
 from service.scheduler import Scheduler
@@ -167,21 +167,21 @@ class Runtime:
     def describe(self, request_id: str, owner: str | None) -> dict[str, Any]:
         """The state of a job this owner submitted (in flight or recently answered); NotFound."""
         job = self._owned(request_id, owner)
-        return job.describe(self.queue.position(job))
+        return job.describe(self.queue.position(job) if isinstance(job, Job) else None)
 
     def cancel(self, request_id: str, owner: str | None) -> dict[str, Any]:
         """Cancel a queued or running job (its request gets 409 ``cancelled``; the scheduler frees
         its rows at the next step). A job already answered is left as it is. Returns its state
         with ``cancelled``: whether this call cancelled it."""
         job = self._owned(request_id, owner)
-        position = self.queue.position(job)
+        position = self.queue.position(job) if isinstance(job, Job) else None
         cancelled = job.cancel(Cancelled(f"request {request_id} was cancelled by DELETE"))
         if cancelled:
             self.metrics.cancelled.labels("request").inc()
         info = job.describe(position if not cancelled else None)
         return {**info, "cancelled": cancelled}
 
-    def _owned(self, request_id: str, owner: str | None) -> Job:
+    def _owned(self, request_id: str, owner: str | None) -> Job | Finished:
         job = self.registry.get(request_id)
         # With API keys on, another key's job is reported as unknown: ids are not secrets.
         if job is None or job.owner != owner:

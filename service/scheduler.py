@@ -165,13 +165,14 @@ class Scheduler:
         for job, result in zip(jobs, results, strict=True):
             self.active.remove(job)
             if isinstance(result, NonFiniteOutput):
+                job.work = None
                 job.fail(
                     NonFiniteImage(
                         f"the model produced NaN/inf pixels ({result}); try another seed"
                     )
                 )
                 continue
-            timings = job.work.timings
+            timings, job.work = job.work.timings, None
             self.metrics.observe_stages(
                 {name: getattr(timings, name) for name in ("text", "prior", "decoder", "vqgan")}
             )
@@ -226,6 +227,7 @@ class Scheduler:
             job.fail(error)
             if job in self.active:
                 self.active.remove(job)
+            job.work = None
 
     def _capped(self, group: list[Job]) -> list[Job]:
         """The oldest jobs of ``group`` within the cap an out-of-memory error left on it. A cap
@@ -256,6 +258,9 @@ class Scheduler:
         """Jobs answered from outside (cancel, disconnect, deadline) leave: their rows are not in
         the next forward."""
         if any(job.done for job in self.active):
+            for job in self.active:
+                if job.done:
+                    job.work = None  # its latents and conditioning are freed here
             self.active = [job for job in self.active if not job.done]
         self._publish()
 

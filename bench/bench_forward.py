@@ -13,7 +13,7 @@ is cast and the diffusers model re-pointed at the cast tensors. Runs are interle
 
 Usage: ``python bench/bench_forward.py [--quick] [--repeats N] [--models c,b] [--dtypes fp32,bf16]
 [--seed N] [--off SWITCH] [--out docs/bench_forward.md]``. ``--off FOLD_KV_MAPPER`` (or another
-``models.common`` switch) adds our forward with that optimisation off to the interleaved runs: an A/B in
+``models.cpu_kernels`` switch) adds our forward with that optimisation off to the interleaved runs: an A/B in
 one process, on the same weights.
 """
 
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models import common, convert
+from models import convert, cpu_kernels
 from models.config import StageBConfig, StageCConfig
 from models.stage_b import StageB
 from models.stage_c import StageC
@@ -112,16 +112,16 @@ SWITCHES = (
 
 @contextmanager
 def switched_off(name: str | None):
-    """``models.common.<name> = False`` inside the block (no-op for None)."""
+    """``models.cpu_kernels.<name> = False`` inside the block (no-op for None)."""
     if name is None:
         yield
         return
-    saved = getattr(common, name)
-    setattr(common, name, False)
+    saved = getattr(cpu_kernels, name)
+    setattr(cpu_kernels, name, False)
     try:
         yield
     finally:
-        setattr(common, name, saved)
+        setattr(cpu_kernels, name, saved)
 
 
 def time_pair(
@@ -131,7 +131,7 @@ def time_pair(
 
     Returns medians of wall time and of process CPU time (all threads; steadier than wall time when other
     jobs share the cores) for both sides, and the max relative difference of the two outputs. ``off``:
-    also time ours with that ``models.common`` switch off ("ours_off"), interleaved with the others, for
+    also time ours with that ``models.cpu_kernels`` switch off ("ours_off"), interleaved with the others, for
     an A/B of one optimisation in one run.
     """
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
@@ -167,7 +167,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     ap.add_argument("--off", choices=SWITCHES, default=None,
-                    help="also time ours with this models.common switch off (A/B in the same run)")
+                    help="also time ours with this models.cpu_kernels switch off (A/B in the same run)")
     args = ap.parse_args()
     repeats = args.repeats or (1 if args.quick else 5)
     if args.threads:

@@ -6,6 +6,9 @@ view, so the per-pixel LayerNorm-over-channels and the per-pixel Linear layers o
 without a permute copy, and ``.permute(0, 3, 1, 2)`` turns their NHWC result back into a channels_last NCHW
 view, again for free. Convolutions keep the channels_last format.
 
+The CPU fast paths the blocks call (oneDNN linear, prepacked and folded bf16 weights, the bf16 attention)
+are in ``models.cpu_kernels``; the U-Net levels built from these blocks in ``models.levels``.
+
 Module and parameter names reproduce the official checkpoints' ``state_dict`` keys exactly
 (``depthwise``, ``channelwise.{0,2,4}``, ``attention.attn.in_proj_weight``, ``kv_mapper.1``, ``mapper_sca``...).
 """
@@ -13,13 +16,13 @@ Module and parameter names reproduce the official checkpoints' ``state_dict`` ke
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from models.cpu_kernels import attention, folded_kv, linear, linear_module
 
 LN_EPS = 1e-6  # every LayerNorm of Stage B / C: no affine, eps 1e-6
 CL = torch.channels_last
@@ -48,73 +51,6 @@ def layer_norm_2d(x: Tensor) -> Tensor:
     return nchw(F.layer_norm(nhwc(x), (x.shape[1],), eps=LN_EPS))
 
 
-# oneDNN's fused linear (the kernel that torch.compile uses on CPU). Measured on the 2-core AMD EPYC dev
-# machine at Stage B/C shapes: float32 about 2.5x faster than F.linear (whose MKL sgemm takes a slow path
-# on AMD CPUs), bfloat16 5-15% faster (bias and GELU fused into the GEMM instead of extra passes).
-_onednn_linear = (
-    getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-    if torch.backends.mkldnn.is_available()
-    else None
-)
-_onednn_bf16 = _onednn_linear is not None and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-USE_ONEDNN_LINEAR = True  # module switch for A/B measurements; both paths agree to float rounding
-
-
-def _onednn_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
-    """Compute dtype for the oneDNN path, or None where F.linear must run (GPU, autograd, fp16...)."""
-    if not USE_ONEDNN_LINEAR or _onednn_linear is None:
-        return None
-    if x.device.type != "cpu" or weight.device.type != "cpu":
-        return None
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return None  # the fused kernel has no autograd formula
-    if torch.is_autocast_enabled("cpu"):
-        dtype = torch.get_autocast_dtype("cpu")  # the op is not autocast-aware: cast as autocast would
-    elif x.dtype == weight.dtype:
-        dtype = x.dtype
-    else:
-        return None  # F.linear raises its usual dtype-mismatch error
-    if dtype == torch.float32 or (dtype == torch.bfloat16 and _onednn_bf16):
-        return dtype
-    return None
-
-
-def linear(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None = None,
-    gelu: bool = False,
-    owner: nn.Module | None = None,
-    key: str = "weight",
-) -> Tensor:
-    """``x @ weight.T + bias`` over the last dim, then exact (erf) GELU if ``gelu``.
-
-    ``x: [..., in]``, ``weight: [out, in]`` -> ``[..., out]``. On CPU without autograd this is oneDNN's
-    fused linear (bias and GELU inside the GEMM), honouring CPU autocast; elsewhere F.linear (+ F.gelu).
-    ``owner`` / ``key``: the module that owns ``weight`` and a name for it there; given them, a bfloat16
-    CPU call reuses a weight prepacked for oneDNN (see ``prepacked_bf16_weight``).
-    """
-    dtype = _onednn_dtype(x, weight)
-    if dtype is None:
-        y = F.linear(x, weight, bias)
-        return F.gelu(y) if gelu else y
-    b = None if bias is None else bias.to(dtype)
-    w = None
-    if dtype == torch.bfloat16 and owner is not None:
-        w = prepacked_bf16_weight(owner, key, weight, rows=x.numel() // max(x.shape[-1], 1))
-    if w is None:
-        w = weight.to(dtype)
-    x = x.to(dtype)
-    if gelu:
-        return _onednn_linear(x, w, b, "gelu", [], "none")
-    return _onednn_linear(x, w, b, "none", [], "")
-
-
-def linear_module(x: Tensor, module: nn.Linear, gelu: bool = False) -> Tensor:
-    """``linear`` with an ``nn.Linear``'s parameters."""
-    return linear(x, module.weight, module.bias, gelu, owner=module)
-
-
 def conv1x1(x: Tensor, conv: nn.Conv2d, gelu: bool = False) -> Tensor:
     """A 1x1 ``conv`` as a per-pixel matmul on the NHWC view: ``[B, Cin, H, W]`` -> ``[B, Cout, H, W]``.
 
@@ -124,142 +60,6 @@ def conv1x1(x: Tensor, conv: nn.Conv2d, gelu: bool = False) -> Tensor:
     w = conv.weight
     return nchw(linear(nhwc(x), w.view(w.shape[0], w.shape[1]), conv.bias, gelu, owner=conv))
 
-
-# ------------------------------------------------------------------------------ derived-weight caches
-
-
-class _DerivedWeights(dict):
-    """Per-module cache ``key -> (source weights, their versions, derived value)``.
-
-    Derived tensors are rebuilt on demand, so a copy or a pickle of the module starts with an empty cache
-    (oneDNN's packed tensors could not be deep-copied or saved anyway).
-    """
-
-    def __deepcopy__(self, memo: dict) -> _DerivedWeights:
-        return _DerivedWeights()
-
-    def __reduce__(self) -> tuple:
-        return (_DerivedWeights, ())
-
-
-def _cached_derived(
-    module: nn.Module, key: str, weight: Tensor | tuple[Tensor, ...], make: Callable
-) -> Any:
-    """``make(weight)`` cached on ``module`` under ``key`` while ``weight`` is unchanged.
-
-    ``weight`` may be a tuple of tensors (a value derived from several weights): ``make`` then gets the
-    tuple, and the cache is refreshed when any of them changes. A change is: ``load_state_dict`` and
-    in-place edits (version counter), ``.to()`` (new memory). The cache holds the source tensors, so their
-    memory cannot be freed and reused by a new weight: an equal data pointer then really means the same
-    memory. Callers must skip inference tensors (no version counter, so an in-place change could not be
-    detected).
-    """
-    sources = weight if isinstance(weight, tuple) else (weight,)
-    cache = module.__dict__.get("_derived_weights")
-    if cache is None:
-        cache = module.__dict__["_derived_weights"] = _DerivedWeights()  # plain attribute, not saved
-    entry = cache.get(key)
-    if entry is not None:
-        srcs, versions, out = entry
-        if len(srcs) == len(sources) and all(
-            _same_tensor(src, w, version) for src, w, version in zip(srcs, sources, versions)
-        ):
-            return out
-    srcs = tuple(w.detach() for w in sources)
-    out = make(srcs if isinstance(weight, tuple) else srcs[0])
-    cache[key] = (srcs, tuple(w._version for w in sources), out)
-    return out
-
-
-def _same_tensor(src: Tensor, weight: Tensor, version: int) -> bool:
-    """Whether ``weight`` is still the tensor ``src`` was taken from, unmodified since ``version``."""
-    return (
-        src.data_ptr() == weight.data_ptr()
-        and src.dtype == weight.dtype
-        and src.shape == weight.shape
-        and src.stride() == weight.stride()
-        and src.device == weight.device
-        and weight._version == version
-    )
-
-
-def clear_derived_weights(model: nn.Module) -> None:
-    """Drop every derived-weight cache in ``model`` (their sources would otherwise stay in memory)."""
-    for m in model.modules():
-        m.__dict__.pop("_derived_weights", None)
-
-
-class CachedWeightsModule(nn.Module):
-    """Base of the networks whose blocks cache derived weights (``_cached_derived``): ``.to()``,
-    ``.cuda()``, ``.bfloat16()``... drop the caches first, so that the tensors they were derived from
-    (and the derived copies) are freed now, not at the next forward (which on another device would never
-    touch them)."""
-
-    def _apply(self, fn, recurse=True):
-        clear_derived_weights(self)
-        return super()._apply(fn, recurse)
-
-
-def channels_last_weight(conv: nn.Conv2d | nn.ConvTranspose2d) -> Tensor:
-    """``conv.weight`` in channels_last memory, cached on the module while the weight is unchanged.
-
-    A convolution over channels_last input otherwise copies a contiguous weight into that layout on every
-    call (measured: ~10 MB per call for Stage B's 1152-wide 2x2 convs). With autograd active, or for
-    inference tensors (see ``_cached_derived``), the parameter itself is used.
-    """
-    w = conv.weight
-    if torch.is_grad_enabled() or w.is_inference() or w.is_contiguous(memory_format=CL):
-        return w
-    return _cached_derived(conv, "channels_last", w, lambda t: t.contiguous(memory_format=CL))
-
-
-# oneDNN's own weight layout for the bfloat16 GEMM. Given a plain [out, in] weight, _linear_pointwise
-# reorders it into that layout on every call, an extra read and write of the whole weight. Measured on the
-# 2-core AVX-512-BF16 dev machine at Stage B/C shapes, with bit-identical results: a weight reordered once
-# makes the GEMM ~5% faster in a hot loop and 10-20% faster inside a forward, where every weight comes cold
-# from memory (Stage C lite bf16: GEMM time 811 -> 678 ms per forward). Costs one packed copy of each bf16
-# linear weight that runs on the CPU (about the model's bf16 size again). float32 is left alone.
-PREPACK_BF16_WEIGHTS = True  # module switch for A/B measurements
-_reorder_linear_weight = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None) if _onednn_bf16 else None
-
-
-# The condition path of every AttnBlock, kv_mapper Linear then the k/v projection, as one GEMM with a weight
-# folded from the two (``AttnBlock._folded_cond_kv``): 1/3 fewer FLOPs on the condition tokens, which at
-# 512 px are 85 of the 229 keys/values of every Stage C attention. Measured on the 2-core dev machine,
-# Stage C lite bf16 at 512 px: 0.769 -> 0.736 s per forward, rms error against float32 1.51e-2 -> 1.49e-2.
-# Costs one [2c, c_cond] bf16 weight per block in place of the kv_mapper's packed copy (Stage C lite
-# +0.15 GB, big +0.54 GB) and, once, the folding GEMMs at the first bf16 forward: ~0.5 s for Stage C lite,
-# ~2.3 s for big.
-FOLD_KV_MAPPER = True  # module switch for A/B measurements
-
-
-def _pack_bf16(w: Tensor, rows: int) -> Tensor:
-    """``w [out, in]`` as a bf16 tensor in oneDNN's GEMM layout, chosen for about ``rows`` input rows."""
-    return _reorder_linear_weight(w.to(torch.bfloat16).contiguous(), max(rows, 1))
-
-
-def can_prepack_bf16(weight: Tensor) -> bool:
-    """Whether a bf16 oneDNN-packed copy of ``weight`` may be made and cached: switch on, oneDNN bf16
-    available, a CPU tensor that is not an inference tensor, autograd off."""
-    return (
-        PREPACK_BF16_WEIGHTS
-        and _reorder_linear_weight is not None
-        and not torch.is_grad_enabled()
-        and not weight.is_inference()
-        and weight.device.type == "cpu"
-    )
-
-
-def prepacked_bf16_weight(owner: nn.Module, key: str, weight: Tensor, rows: int) -> Tensor | None:
-    """``weight [out, in]`` (any float dtype, CPU) as a bf16 oneDNN-packed tensor for ``_linear_pointwise``.
-
-    Cached on ``owner`` under ``key`` (see ``_cached_derived``); ``rows`` (the GEMM's row count at the
-    first call) only guides oneDNN's choice of layout, any row count works with the result. None where the
-    plain weight must be used (``can_prepack_bf16``).
-    """
-    if not can_prepack_bf16(weight):
-        return None
-    return _cached_derived(owner, "onednn_bf16:" + key, weight, lambda w: _pack_bf16(w, rows))
 
 
 def resize_bilinear(x: Tensor, size: Sequence[int]) -> Tensor:
@@ -429,77 +229,6 @@ class TimestepBlock(nn.Module):
         return torch.addcmul(b.to(x.dtype), x, (1 + a).to(x.dtype))
 
 
-USE_CPU_BF16_ATTENTION = True  # module switch for A/B measurements
-ONEDNN_SCORE_GEMM = True  # module switch for A/B measurements (see ``_onednn_score_gemm``)
-_ATTN_SCORES_BYTES = 64 << 20  # float32 scores held at once by the CPU bf16 attention (bounds memory)
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
-    """Softmax attention, scale 1/sqrt(d). ``q: [B, nh, N, d]``, ``k, v: [B, nh, S, d]`` -> ``[B, nh, N, d]``.
-
-    SDPA everywhere except bfloat16 on the CPU without autograd or dropout, where ``_attention_cpu_bf16``
-    does the same maths faster than the CPU flash kernel (measured on the 2-core AVX-512-BF16 dev machine:
-    a Stage C lite forward, 32 calls, takes 34 ms longer with SDPA; Stage B lite 2.0 vs 2.1-2.6 ms per call).
-    """
-    if (
-        USE_CPU_BF16_ATTENTION
-        and q.device.type == "cpu"
-        and q.dtype == k.dtype == v.dtype == torch.bfloat16
-        and dropout_p == 0.0
-        and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-    ):
-        return _attention_cpu_bf16(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-
-
-def _attention_cpu_bf16(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """bf16 attention on the CPU with the precision of the flash kernel. Shapes as ``attention``.
-
-    Scores are float32 (bf16 products are exact in float32, accumulated in float32) and so is the softmax;
-    the probabilities are rounded to bf16 for the product with v (float32 accumulation), as the flash kernel
-    does. Plain batched GEMMs beat the flash kernel's small tiles on CPUs without AMX. Queries are processed
-    in chunks so that the float32 scores stay under ``_ATTN_SCORES_BYTES``.
-    """
-    B, nh, N, d = q.shape
-    S = k.shape[2]
-    q32 = q.to(torch.float32, memory_format=torch.contiguous_format).view(B * nh, N, d)
-    k32 = k.to(torch.float32, memory_format=torch.contiguous_format).view(B * nh, S, d)
-    v16 = v.reshape(B * nh, S, d)
-    chunk = max(1, min(N, _ATTN_SCORES_BYTES // (4 * B * nh * S)))
-    outs = []
-    # Autocast would run the score GEMM in bf16 and round the scores: keep it off in here.
-    with torch.autocast("cpu", enabled=False), _onednn_score_gemm(ONEDNN_SCORE_GEMM):
-        for i in range(0, N, chunk):
-            scores = torch.baddbmm(
-                q32.new_empty(1, 1, 1), q32[:, i : i + chunk], k32.transpose(1, 2), beta=0.0, alpha=d**-0.5
-            )  # [B*nh, chunk, S] float32
-            outs.append(torch.bmm(torch.softmax(scores, dim=-1).to(torch.bfloat16), v16))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-    return out.view(B, nh, N, d)
-
-
-@contextmanager
-def _onednn_score_gemm(enabled: bool = True) -> Iterator[None]:
-    """Run float32 matmuls inside this block through oneDNN (by allowing its ``fp32_precision="bf16"``).
-
-    Without the setting, PyTorch sends float32 batched matmuls to MKL, which reaches half the float32 peak
-    on the attention's small [144 x 64] x [64 x 229] GEMMs; oneDNN's float32 kernels reach it (measured:
-    0.51 vs 1.03 ms per Stage C lite score GEMM on the 2-core AVX-512-BF16 dev machine). The setting also
-    lets oneDNN round float32 operands to bf16 where it has bf16 math for them (AMX CPUs): it is used only
-    on upcast bf16 values, for which that rounding is exact, so the result is the float32 GEMM's either
-    way. The setting is process-wide; it is restored on exit, and the model runs on one thread at a time.
-    """
-    if not enabled:
-        yield
-        return
-    setting = torch.backends.mkldnn.matmul
-    before = setting.fp32_precision
-    setting.fp32_precision = "bf16"
-    try:
-        yield
-    finally:
-        setting.fp32_precision = before
-
 
 class PackedMultiheadAttention(nn.Module):
     """Multi-head attention with ``torch.nn.MultiheadAttention``'s packed parameter layout.
@@ -596,206 +325,8 @@ class AttnBlock(nn.Module):
         return x + nchw(a.view(B, H, W, c))
 
     def _folded_cond_kv(self, cond_act: Tensor) -> Tensor | None:
-        """The condition's keys and values through one GEMM, or None where the two-step path must run.
-
-        ``cond_act: [B, S, c_cond]`` -> ``[B, S, 2c]``. The kv_mapper Linear and the k/v rows of the
-        attention's in_proj are two affine maps in a row, so ``W_kv (W_m a + b_m) + b_kv`` equals
-        ``(W_kv W_m) a + (W_kv b_m + b_kv)``: one [2c, c_cond] GEMM instead of a [c, c_cond] and a [2c, c]
-        one, fewer FLOPs whenever c_cond < 2c (Stage C, where c_cond = c: 2/3 of them). Used for bfloat16
-        on the CPU, where the folded weight joins the other prepacked ones (see ``FOLD_KV_MAPPER``).
-        """
-        mapper, attn = self.kv_mapper[1], self.attention.attn
-        c = attn.c
-        if not FOLD_KV_MAPPER or mapper.in_features >= 2 * c:
-            return None
-        if _onednn_dtype(cond_act, mapper.weight) != torch.bfloat16:
-            return None
-        weights = (attn.in_proj_weight, attn.in_proj_bias, mapper.weight, mapper.bias)
-        if not all(can_prepack_bf16(t) for t in weights):
-            return None
-
-        def fold(sources: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
-            w_in, b_in, w_m, b_m = sources
-            w_kv, b_kv = w_in[c:], b_in[c:]
-            # bf16 weights: a bf16 GEMM (exact products, float32 sums, one rounding), 4x faster here than
-            # a float32 one; float32 weights (autocast): a float32 GEMM.
-            dtype = torch.bfloat16 if w_kv.dtype == w_m.dtype == torch.bfloat16 else torch.float32
-            w = w_kv.to(dtype) @ w_m.to(dtype)  # [2c, c_cond]
-            b = w_kv.float() @ b_m.float() + b_kv.float()  # [2c]
-            rows = cond_act.numel() // cond_act.shape[-1]
-            return _pack_bf16(w, rows), b.to(torch.bfloat16)
-
-        w, b = _cached_derived(self, "onednn_bf16:kv_folded", weights, fold)
-        return _onednn_linear(cond_act.to(torch.bfloat16), w, b, "none", [], "")
-
-
-# ---------------------------------------------------------------------------------- level construction
-
-
-def make_block(
-    code: str,
-    c: int,
-    *,
-    c_cond: int,
-    nhead: int,
-    c_r: int,
-    t_conds: Sequence[str],
-    kernel_size: int,
-    dropout: float,
-    self_attn: bool,
-    c_skip: int = 0,
-) -> nn.Module:
-    """One block from its level-config code: C ResBlock, T TimestepBlock, A AttnBlock, F FeedForwardBlock."""
-    if code == "C":
-        return ResBlock(c, c_skip, kernel_size, dropout)
-    if code == "T":
-        return TimestepBlock(c, c_r, t_conds)
-    if code == "A":
-        return AttnBlock(c, c_cond, nhead, self_attn, dropout)
-    if code == "F":
-        return FeedForwardBlock(c, dropout)
-    raise ValueError(f"level_config: unknown block code {code!r} (expected one of C, T, A, F)")
-
-
-def make_level(
-    n: int, level_config: str, c: int, *, skip_first: int = 0, **block_kwargs
-) -> nn.ModuleList:
-    """``n`` repetitions of the level's block pattern as one flat ModuleList (indices 0, 1, 2, ...).
-
-    ``skip_first`` is the c_skip of the very first block (the up path's first ResBlock of a non-deepest
-    level); all other blocks get none.
-    """
-    blocks = nn.ModuleList()
-    for j in range(n):
-        for k, code in enumerate(level_config):
-            c_skip = skip_first if j == 0 and k == 0 else 0
-            blocks.append(make_block(code, c, c_skip=c_skip, **block_kwargs))
-    return blocks
-
-
-def run_level(
-    blocks: nn.ModuleList,
-    repeat_mappers: nn.ModuleList,
-    x: Tensor,
-    r_embed: Tensor,
-    clip_act: Tensor,
-    skip: Tensor | None = None,
-) -> Tensor:
-    """Run a level: ``len(repeat_mappers) + 1`` passes over its blocks with a 1x1 repeat mapper in between.
-
-    ``x: [B, c, H, W]``, ``r_embed: [B, c_r * (1 + n_conds)]``, ``clip_act: [B, S, c_cond]`` = SiLU of the
-    normalised condition sequence (the first op of every AttnBlock's kv_mapper, hoisted out).
-
-    ``skip`` (up path only) goes to the level's first ResBlock on EVERY pass (spec §4.4 step 8). If x and
-    skip differ in size (odd sizes in Stage B), x is bilinearly resized to the skip size first.
-    """
-    for j in range(len(repeat_mappers) + 1):
-        for k, block in enumerate(blocks):
-            if isinstance(block, ResBlock):
-                s = skip if k == 0 else None
-                if s is not None and x.shape[-2:] != s.shape[-2:]:
-                    x = to_channels_last(resize_bilinear(x, s.shape[-2:]))
-                x = block(x, s)
-            elif isinstance(block, AttnBlock):
-                x = block.attend(x, clip_act)
-            elif isinstance(block, TimestepBlock):
-                x = block(x, r_embed)
-            else:
-                x = block(x)
-        if j < len(repeat_mappers):
-            x = conv1x1(x, repeat_mappers[j])
-    return x
-
-
-def add_levels(
-    net: nn.Module,
-    cfg: Any,
-    downscaler: Callable[[int], nn.Module],
-    upscaler: Callable[[int], nn.Module],
-) -> None:
-    """Give ``net`` the U-Net levels of a Stage B / Stage C config, as attributes in the official
-    state_dict order: down_blocks, down_downscalers, down_repeat_mappers, up_blocks, up_upscalers,
-    up_repeat_mappers.
-
-    ``downscaler(i)`` is the module entering level i from level i - 1, ``upscaler(i)`` the one leaving
-    level i upwards (i >= 1; level 0 has ``nn.Identity`` for both). The up path lists levels deepest
-    first: up index u is level n-1-u, and ``blocks[1]`` / ``block_repeat[1]`` follow that order.
-    """
-    n = len(cfg.c_hidden)
-    kw = level_block_kwargs(cfg, n)
-    net.down_blocks = nn.ModuleList()
-    net.down_downscalers = nn.ModuleList()
-    net.down_repeat_mappers = nn.ModuleList()
-    for i in range(n):
-        net.down_downscalers.append(nn.Identity() if i == 0 else downscaler(i))
-        net.down_blocks.append(
-            make_level(cfg.blocks[0][i], cfg.level_config[i], cfg.c_hidden[i], **kw[i])
-        )
-        net.down_repeat_mappers.append(_repeat_mappers(cfg.c_hidden[i], cfg.block_repeat[0][i]))
-    net.up_blocks = nn.ModuleList()
-    net.up_upscalers = nn.ModuleList()
-    net.up_repeat_mappers = nn.ModuleList()
-    for u, i in enumerate(reversed(range(n))):
-        net.up_upscalers.append(nn.Identity() if i == 0 else upscaler(i))
-        skip = cfg.c_hidden[i] if i < n - 1 else 0
-        net.up_blocks.append(
-            make_level(
-                cfg.blocks[1][u], cfg.level_config[i], cfg.c_hidden[i], skip_first=skip, **kw[i]
-            )
-        )
-        net.up_repeat_mappers.append(_repeat_mappers(cfg.c_hidden[i], cfg.block_repeat[1][u]))
-
-
-def _repeat_mappers(c: int, repeats: int) -> nn.ModuleList:
-    """The 1x1 convs between a level's ``repeats`` passes."""
-    return nn.ModuleList(nn.Conv2d(c, c, 1) for _ in range(repeats - 1))
-
-
-def run_levels(net: nn.Module, h: Tensor, r_embed: Tensor, clip_act: Tensor) -> Tensor:
-    """The U-Net body over ``add_levels``' modules. ``h: [B, c_hidden[0], H, W]`` -> the same shape.
-
-    Down: scaler, then the level; every level's output is kept. Up: the level (with the kept output of
-    its depth as skip, except the deepest), then the scaler.
-    """
-    level_outputs: list[Tensor] = []
-    for blocks, downscaler, repmap in zip(
-        net.down_blocks, net.down_downscalers, net.down_repeat_mappers
-    ):
-        h = run_level(blocks, repmap, downscaler(h), r_embed, clip_act)
-        level_outputs.insert(0, h)  # index 0 = deepest level
-    h = level_outputs[0]
-    for u, (blocks, upscaler, repmap) in enumerate(
-        zip(net.up_blocks, net.up_upscalers, net.up_repeat_mappers)
-    ):
-        # The skip is re-concatenated on every repeat pass (run_level); sizes are reconciled there.
-        skip = level_outputs[u] if u > 0 else None
-        h = upscaler(run_level(blocks, repmap, h, r_embed, clip_act, skip=skip))
-    return h
-
-
-def per_level(value: float | bool | Sequence, n_levels: int, name: str) -> tuple:
-    """Broadcast a scalar config field to one value per level; check a sequence's length."""
-    if isinstance(value, (int, float, bool)):
-        return (value,) * n_levels
-    value = tuple(value)
-    if len(value) != n_levels:
-        raise ValueError(f"{name}: expected {n_levels} per-level values, got {len(value)}")
-    return value
-
-
-def level_block_kwargs(cfg: Any, n_levels: int) -> list[dict[str, Any]]:
-    """The block arguments each level of a Stage B or Stage C config passes to ``make_level``."""
-    dropout = per_level(cfg.dropout, n_levels, "dropout")
-    self_attn = per_level(cfg.self_attn, n_levels, "self_attn")
-    return [
-        dict(
-            c_cond=cfg.c_cond,
-            nhead=cfg.nhead[i],
-            c_r=cfg.c_r,
-            t_conds=cfg.t_conds,
-            kernel_size=cfg.kernel_size,
-            dropout=dropout[i],
-            self_attn=self_attn[i],
-        )
-        for i in range(n_levels)
-    ]
+        """The condition's keys and values through one bf16 GEMM with a folded weight
+        (``cpu_kernels.folded_kv``), or None where the two-step path must run.
+        ``cond_act: [B, S, c_cond]`` -> ``[B, S, 2c]``."""
+        attn = self.attention.attn
+        return folded_kv(self, cond_act, self.kv_mapper[1], attn.in_proj_weight, attn.in_proj_bias)

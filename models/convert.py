@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from models.common import per_level
 from models.config import StageAConfig, StageBConfig, StageCConfig
+from models.levels import per_level
 
 _IN_PROJ = "attention.attn.in_proj_"
 _OUT_PROJ = "attention.attn.out_proj."

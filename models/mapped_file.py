@@ -8,7 +8,7 @@ sequential read, after which the model is resident. Without it the first forward
 in in parameter order, which is not the file's order (measured: Stage C lite bf16, 2 GB, 1.9-2.2 s to a
 resident model against 0.6-1.1 s to read the file).
 
-For tensors that are converted (dtype or device), ``models.weights`` keeps safetensors' own views:
+For tensors that are converted (dtype or device), ``models.weight_reading`` keeps safetensors' own views:
 there the conversion itself reads each tensor once in file order, measured ~25% faster than from
 these views, and the source pages must not all stay mapped next to the converted copy.
 

@@ -13,19 +13,17 @@ from torch import Tensor, nn
 
 from models.common import (
     LN_EPS,
-    CachedWeightsModule,
     LayerNorm2d,
-    add_levels,
-    channels_last_weight,
     conv1x1,
     gen_r_embeddings,
     layer_norm_2d,
-    linear_module,
     resize_bilinear,
-    run_levels,
     to_channels_last,
 )
 from models.config import StageBConfig
+from models.cpu_kernels import linear_module
+from models.derived_weights import CachedWeightsModule, channels_last_weight
+from models.levels import add_levels, run_levels
 
 
 def _mapper(c_in: int, c: int) -> nn.Sequential:

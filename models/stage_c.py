@@ -13,17 +13,16 @@ from torch import Tensor, nn
 
 from models.common import (
     LN_EPS,
-    CachedWeightsModule,
     LayerNorm2d,
-    add_levels,
     conv1x1,
     gen_r_embeddings,
     layer_norm_2d,
-    linear_module,
-    run_levels,
     to_channels_last,
 )
 from models.config import StageCConfig
+from models.cpu_kernels import linear_module
+from models.derived_weights import CachedWeightsModule
+from models.levels import add_levels, run_levels
 
 
 class UpDownBlock2d(nn.Module):

@@ -1,6 +1,6 @@
 """Loading Stable Cascade weights: official flat .safetensors files or diffusers model folders.
 
-Sources
+Sources (``models.weight_sources``)
 - Official files (``stage_c[_lite][_bf16].safetensors``, ``stage_b...``, ``stage_a``, ``effnet_encoder``,
   ``previewer``): flat state dicts with the official keys. The architecture is inferred from the tensor shapes
   (``models.infer_config``), so a path is all a caller gives.
@@ -8,20 +8,16 @@ Sources
   ``diffusion_pytorch_model[.bf16].safetensors``, or shards listed in ``diffusion_pytorch_model.safetensors.index
   [.bf16].json``. Config and keys are converted to the official ones by ``models.convert``.
 - Pickle checkpoints (.ckpt/.pt/.pth/.bin) are refused without being opened: unpickling runs arbitrary code.
+- ``find_stage_files`` locates every network's weights in a Hugging Face snapshot.
 
 How (lean and fast)
 - The network is constructed on the ``meta`` device (no allocation, no random init); after loading, nothing may be
   left on meta (every parameter and buffer of these networks is in its checkpoint).
-- Every header is read and every key, shape and dtype kind is checked against the network BEFORE any tensor data
-  is touched, so a bad file raises one ``CheckpointError`` and nothing is half-loaded.
-- Tensors are zero-copy views of the memory-mapped file (``models.mapped_file``; safetensors' own views where
-  each is converted). When no conversion is
-  needed (same dtype, CPU) the parameters ARE those views: pages are read on first use and no second copy ever
-  exists (the mapping is private: writing to a parameter never touches the file; the file must not be truncated
-  while the network lives, Hugging Face snapshots never rewrite a blob in place). Otherwise each tensor is
-  converted once (dtype and/or device), and the file is re-mapped every ``_REMAP_BYTES`` so the pages already
-  converted leave the process's resident set. The whole file is read ahead in the background (WILLNEED advice);
-  a file loaded as it is has all its pages mapped in file order before ``load`` returns.
+- Every header is read (``models.safetensors_header``) and every key, shape and dtype kind is checked against the
+  network BEFORE any tensor data is touched, so a bad file raises one ``CheckpointError`` and nothing is
+  half-loaded.
+- The data are memory-mapped and, where the dtype and device already match, used in place; otherwise converted
+  once, file by file in on-disk order (``models.weight_reading``).
 - ``load_state_dict(..., assign=True)`` installs the tensors as they are.
 
 dtype: None -> bfloat16 on CUDA, float32 on the CPU; float16 is refused (activations overflow in this model).
@@ -30,16 +26,12 @@ Returned networks are in eval mode with ``requires_grad`` off.
 
 from __future__ import annotations
 
-import json
-import os
-import struct
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from models import convert
@@ -61,12 +53,21 @@ from models.infer_config import (
     infer_stage_b_config,
     infer_stage_c_config,
 )
-from models.mapped_file import MappedFile
 from models.previewer import Previewer
+from models.safetensors_header import read_headers, read_safetensors_header
 from models.stage_a import StageA
 from models.stage_b import StageB
 from models.stage_c import StageC
+from models.weight_reading import finalize, read_official, read_views
+from models.weight_sources import (
+    STAGE_NAMES,
+    Source,
+    StageFiles,
+    find_stage_files,
+    resolve_source,
+)
 
+# The loading API in one place: the loaders, and the file-finding and header helpers callers use with them.
 __all__ = [
     "CheckpointError",
     "StageFiles",
@@ -84,217 +85,7 @@ __all__ = [
     "read_safetensors_header",
 ]
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
-DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
-DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
-_MAX_HEADER_BYTES = (
-    100 << 20
-)  # real headers are < 1 MB; a larger length means a corrupt or foreign file
-_REMAP_BYTES = (
-    256 << 20
-)  # converted bytes between re-maps of the source file (bounds its resident pages)
 _FIRST = 5  # offending keys quoted per category in error messages
-
-_ST_DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8),
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "I64": (torch.int64, 8),
-    "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2),
-    "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1),
-    "BOOL": (torch.bool, 1),
-    "F8_E4M3": (torch.float8_e4m3fn, 1),
-    "F8_E5M2": (torch.float8_e5m2, 1),
-}
-
-M = TypeVar("M", bound=nn.Module)
-
-
-# ------------------------------------------------------------------------------------------ file headers
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """One tensor of a safetensors file: dtype, shape, the byte offset of its data in the file, and
-    the file."""
-
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    start: int
-    file: Path
-
-
-def _refuse_pickle(path: Path) -> None:
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise CheckpointError(
-            f"{path}: '{path.suffix}' is a pickle checkpoint format; it is never unpickled (loading one can run "
-            "arbitrary code). Use the .safetensors release of these weights, or convert the file to safetensors "
-            "in a trusted environment."
-        )
-
-
-def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
-    """Parse and validate a safetensors header without reading tensor data: key -> TensorInfo.
-
-    Checks the header length, the JSON, every dtype and shape against its byte range, and that every range lies
-    inside the file (a truncated download fails here, not halfway through loading).
-    """
-    path = Path(path)
-    _refuse_pickle(path)
-    if not path.is_file():
-        raise CheckpointError(
-            f"{path}: no such file"
-            + (" (broken symlink: incomplete download?)" if path.is_symlink() else "")
-        )
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise CheckpointError(
-                f"{path}: {size} bytes, too short to be a safetensors file (empty or truncated)"
-            )
-        (n,) = struct.unpack("<Q", prefix)
-        raw = f.read(n) if 0 < n <= min(size - 8, _MAX_HEADER_BYTES) else None
-    if raw is None or not raw.startswith(b"{"):
-        # Only now look for a pickle signature: a valid header length may start with any byte.
-        if prefix.startswith(b"PK\x03\x04") or (prefix[0] == 0x80 and 2 <= prefix[1] <= 5):
-            raise CheckpointError(
-                f"{path}: this is a pickle / torch.save file, not safetensors; it is never "
-                "unpickled. Use a .safetensors file."
-            )
-        if raw is None:
-            raise CheckpointError(
-                f"{path}: not a valid safetensors file (header length {n} with a file of "
-                f"{size} bytes): truncated or corrupt"
-            )
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    header.pop("__metadata__", None)
-    data_start = 8 + n
-    out: dict[str, TensorInfo] = {}
-    for key, entry in header.items():
-        try:
-            dtype, itemsize = _ST_DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(
-                f"{path}: corrupt safetensors header entry for {key!r}: {entry!r}"
-            ) from None
-        numel = 1
-        for d in shape:
-            numel *= d
-        if min(shape, default=0) < 0 or end - begin != numel * itemsize or begin < 0:
-            raise CheckpointError(
-                f"{path}: corrupt safetensors header: {key!r} has shape {list(shape)} "
-                f"({entry['dtype']}) but a byte range of {end - begin}"
-            )
-        if data_start + end > size:
-            raise CheckpointError(
-                f"{path}: file is truncated: tensor {key!r} ends at byte {data_start + end} but "
-                f"the file has {size} bytes (incomplete download?)"
-            )
-        out[key] = TensorInfo(dtype, shape, data_start + begin, path)
-    return out
-
-
-# ------------------------------------------------------------------------------------------- sources
-
-
-@dataclass(frozen=True)
-class _Source:
-    """A resolved checkpoint: official file, or diffusers folder with its config and weight files."""
-
-    path: Path
-    layout: str  # "official" | "diffusers"
-    files: tuple[Path, ...]
-    diffusers_config: dict[str, Any] | None = None
-
-
-def _add_variant(name: str, variant: str | None) -> str:
-    """diffusers naming: 'a.safetensors' + 'bf16' -> 'a.bf16.safetensors' (the variant goes before the suffix)."""
-    if not variant:
-        return name
-    head, _, tail = name.rpartition(".")
-    return f"{head}.{variant}.{tail}"
-
-
-def _diffusers_weight_files(folder: Path, variant: str | None) -> tuple[Path, ...] | None:
-    """The weight files of one variant of a diffusers folder (sharded via the index, or single), else None."""
-    index = folder / _add_variant(DIFFUSERS_INDEX, variant)
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index}: unreadable shard index ({e})") from None
-        missing = [n for n in names if not (folder / n).is_file()]
-        if missing:
-            raise CheckpointError(f"{index}: lists shard(s) that are missing: {missing[:_FIRST]}")
-        return tuple(folder / n for n in names)
-    single = folder / _add_variant(DIFFUSERS_WEIGHTS, variant)
-    return (single,) if single.is_file() else None
-
-
-def _resolve_source(source: str | Path, variant: str | None, dtype: torch.dtype) -> _Source:
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise CheckpointError(
-            f"{path}: no such file or folder"
-            + (" (broken symlink: incomplete download?)" if path.is_symlink() else "")
-        )
-    if not path.is_dir():
-        _refuse_pickle(path)
-        return _Source(path, "official", (path,))
-
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(
-            f"{path}: a folder without config.json, so not a diffusers model folder; pass an "
-            "official .safetensors file or a diffusers folder (or use find_stage_files on a "
-            "snapshot directory)"
-        )
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{config_file}: unreadable config.json ({e})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{config_file}: config.json is not a JSON object")
-    # Auto: the bf16 variant when loading in bf16 (half the bytes to read), else the full-precision files.
-    order = (
-        [variant] if variant else (["bf16", None] if dtype == torch.bfloat16 else [None, "bf16"])
-    )
-    for v in order:
-        files = _diffusers_weight_files(path, v)
-        if files:
-            return _Source(path, "diffusers", files, config)
-    pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
-    wanted = " or ".join(
-        _add_variant(DIFFUSERS_WEIGHTS, v) + " (or its .index.json shards)" for v in order
-    )
-    raise CheckpointError(
-        f"{path}: no weights found: looked for {wanted}"
-        + (f"; found only pickle files {pickles}, which are never unpickled" if pickles else "")
-    )
-
-
-def _read_headers(files: Sequence[Path]) -> dict[str, TensorInfo]:
-    infos: dict[str, TensorInfo] = {}
-    for f in files:
-        for key, info in read_safetensors_header(f).items():
-            if key in infos:
-                raise CheckpointError(
-                    f"tensor {key!r} appears in both {infos[key].file.name} and {f.name}"
-                )
-            infos[key] = info
-    return infos
 
 
 # ---------------------------------------------------------------------------------------- validation
@@ -350,133 +141,6 @@ def _check_against_model(
         )
 
 
-# ------------------------------------------------------------------------------------------- reading
-
-
-def _target_dtype(model_tensor: Tensor, float_dtype: torch.dtype) -> torch.dtype:
-    return float_dtype if model_tensor.dtype.is_floating_point else model_tensor.dtype
-
-
-def _prefetch(file: Path) -> None:
-    """Ask the kernel to read the whole file ahead, in large sequential requests (returns at once).
-
-    Without it, pages of the mapping arrive one fault at a time: thousands of small synchronous reads
-    instead of one streaming read.
-    """
-    if not hasattr(os, "posix_fadvise"):
-        return
-    try:
-        fd = os.open(file, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _keys_by_file(infos: Mapping[str, TensorInfo]) -> dict[Path, list[str]]:
-    """The keys of each file, in on-disk order."""
-    by_file: dict[Path, list[str]] = {}
-    for key, info in infos.items():
-        by_file.setdefault(info.file, []).append(key)
-    for keys in by_file.values():
-        keys.sort(key=lambda k: infos[k].start)
-    return by_file
-
-
-def _mapped_tensors(
-    file: Path, keys: Sequence[str], infos: Mapping[str, TensorInfo], populate: bool
-) -> dict[str, Tensor]:
-    """Zero-copy views of ``keys`` over one mapping of ``file`` (see ``models.mapped_file``)."""
-    mapped = MappedFile(file, populate=populate)
-    return {key: mapped.tensor(infos[key].dtype, infos[key].shape, infos[key].start) for key in keys}
-
-
-def _read_official(
-    infos: Mapping[str, TensorInfo],
-    expected: Mapping[str, Tensor],
-    device: torch.device,
-    float_dtype: torch.dtype,
-) -> dict[str, Tensor]:
-    """Tensors of official files, file by file in on-disk order (sequential reads)."""
-    out: dict[str, Tensor] = {}
-    for file, keys in _keys_by_file(infos).items():
-        zero_copy = device.type == "cpu" and all(
-            infos[k].dtype == _target_dtype(expected[k], float_dtype) for k in keys
-        )
-        try:
-            if zero_copy:  # the parameters ARE the file's pages: map them all in, in file order
-                out.update(_mapped_tensors(file, keys, infos, populate=True))
-            else:
-                out.update(_read_converted(file, keys, expected, device, float_dtype))
-        except CheckpointError:
-            raise
-        except (SafetensorError, OSError, RuntimeError, ValueError) as e:  # unreadable data
-            raise CheckpointError(
-                f"{file}: cannot read tensor data ({type(e).__name__}: {e})"
-            ) from None
-    return out
-
-
-def _read_converted(
-    file: Path,
-    keys: Sequence[str],
-    expected: Mapping[str, Tensor],
-    device: torch.device,
-    float_dtype: torch.dtype,
-) -> dict[str, Tensor]:
-    """Each tensor of ``keys`` (in file order) converted once into new memory on ``device``."""
-    out: dict[str, Tensor] = {}
-    _prefetch(file)
-    converted = 0
-    handle = None
-    for key in keys:
-        if handle is None:
-            handle = safe_open(str(file), framework="pt")
-        view = handle.get_tensor(key)  # zero-copy view of the mapped file
-        # One new tensor per key (a copy even when the dtype matches, so no view keeps the mapping).
-        out[key] = view.to(device=device, dtype=_target_dtype(expected[key], float_dtype), copy=True)
-        converted += view.nbytes
-        del view
-        if converted >= _REMAP_BYTES:  # drop the mapping: its resident pages leave our RSS
-            handle, converted = None, 0
-    return out
-
-
-def _read_views(infos: Mapping[str, TensorInfo], populate: bool) -> dict[str, Tensor]:
-    """Zero-copy views of every tensor (for the diffusers path, whose key conversion needs them together).
-
-    ``populate``: the views will be the parameters as they are (no conversion follows): map every page
-    in now, in file order (see ``models.mapped_file``)."""
-    out: dict[str, Tensor] = {}
-    for file, keys in _keys_by_file(infos).items():
-        try:
-            out.update(_mapped_tensors(file, keys, infos, populate))
-        except (OSError, RuntimeError, ValueError) as e:
-            raise CheckpointError(
-                f"{file}: cannot read tensor data ({type(e).__name__}: {e})"
-            ) from None
-    return out
-
-
-def _finalize(
-    state: dict[str, Tensor],
-    expected: Mapping[str, Tensor],
-    device: torch.device,
-    float_dtype: torch.dtype,
-) -> dict[str, Tensor]:
-    """Convert tensors that are not yet on ``device`` in the target dtype (diffusers path), once each."""
-    for key in list(state):
-        want = _target_dtype(expected[key], float_dtype)
-        t = state[key]
-        if t.dtype != want or t.device != device:
-            state[key] = t.to(device=device, dtype=want)
-    return state
-
-
 # -------------------------------------------------------------------------------------------- loading
 
 
@@ -494,7 +158,7 @@ class _Spec:
 
 _SPECS = {
     "stage_c": _Spec(
-        "Stage C (prior)",
+        STAGE_NAMES["stage_c"],
         "stage_c",
         "load_stage_c",
         StageC,
@@ -504,7 +168,7 @@ _SPECS = {
         "StableCascadeUNet",
     ),
     "stage_b": _Spec(
-        "Stage B (decoder)",
+        STAGE_NAMES["stage_b"],
         "stage_b",
         "load_stage_b",
         StageB,
@@ -514,7 +178,7 @@ _SPECS = {
         "StableCascadeUNet",
     ),
     "stage_a": _Spec(
-        "Stage A (VQGAN)",
+        STAGE_NAMES["stage_a"],
         "stage_a",
         "load_stage_a",
         StageA,
@@ -524,10 +188,10 @@ _SPECS = {
         "PaellaVQModel",
     ),
     "effnet": _Spec(
-        "EfficientNet encoder", "effnet", "load_effnet", EfficientNetEncoder, infer_effnet_config
+        STAGE_NAMES["effnet"], "effnet", "load_effnet", EfficientNetEncoder, infer_effnet_config
     ),
     "previewer": _Spec(
-        "Previewer", "previewer", "load_previewer", Previewer, infer_previewer_config
+        STAGE_NAMES["previewer"], "previewer", "load_previewer", Previewer, infer_previewer_config
     ),
 }
 _LOADER_OF_KIND = {s.kind: s.loader for s in _SPECS.values()}
@@ -546,7 +210,7 @@ def _resolve_dtype(dtype: torch.dtype | None, device: torch.device) -> torch.dty
     return dtype
 
 
-def _config_from_diffusers(spec: _Spec, source: _Source) -> Any:
+def _config_from_diffusers(spec: _Spec, source: Source) -> Any:
     cfg = source.diffusers_config or {}
     cls_name = cfg.get("_class_name")
     if cls_name == "StableCascadeUnet" or "c_hidden" in cfg:
@@ -593,9 +257,9 @@ def _load(
     spec = _SPECS[kind]
     device = torch.device(device)
     float_dtype = _resolve_dtype(dtype, device)
-    src = _resolve_source(source, variant, float_dtype)
+    src = resolve_source(source, variant, float_dtype)
     try:
-        infos = _read_headers(src.files)
+        infos = read_headers(src.files)
         if src.layout == "official":
             shapes = {k: i.shape for k, i in infos.items()}
             found = checkpoint_kind(shapes)
@@ -636,14 +300,14 @@ def _load(
 
         expected = model.state_dict(keep_vars=True)
         if src.layout == "official":
-            state = _read_official(infos, expected, device, float_dtype)
+            state = read_official(infos, expected, device, float_dtype)
         else:
             assert spec.keys_from_diffusers is not None
             kept_as_is = device.type == "cpu" and all(
                 i.dtype == float_dtype or not i.dtype.is_floating_point for i in infos.values()
             )
-            state = _finalize(
-                spec.keys_from_diffusers(_read_views(infos, populate=kept_as_is)),
+            state = finalize(
+                spec.keys_from_diffusers(read_views(infos, populate=kept_as_is)),
                 expected,
                 device,
                 float_dtype,
@@ -740,110 +404,3 @@ def load_previewer(
 ) -> Previewer:
     """The Previewer from ``previewer.safetensors`` (there is no diffusers layout)."""
     return _load("previewer", source, device, dtype, None, config)  # type: ignore[return-value]
-
-
-# ------------------------------------------------------------------------------------ snapshot layout
-
-
-@dataclass(frozen=True)
-class StageFiles:
-    """Where each network's weights are: an official .safetensors file or a diffusers folder."""
-
-    stage_c: Path
-    stage_b: Path
-    stage_a: Path
-    effnet: Path | None = None
-    previewer: Path | None = None
-
-
-_VARIANTS = ("lite", "big")
-
-
-def _official_names(stem: str, prefer_bf16: bool) -> list[str]:
-    names = [f"{stem}.safetensors", f"{stem}_bf16.safetensors"]
-    return names[::-1] if prefer_bf16 else names
-
-
-def _is_diffusers_folder(path: Path) -> bool:
-    if not (path / "config.json").is_file():
-        return False
-    return any(
-        (path / _add_variant(name, v)).is_file()
-        for name in (DIFFUSERS_WEIGHTS, DIFFUSERS_INDEX)
-        for v in (None, "bf16")
-    )
-
-
-def find_stage_files(
-    root: str | Path | Sequence[str | Path],
-    prior_variant: str = "lite",
-    decoder_variant: str = "lite",
-    prefer_bf16: bool = False,
-) -> StageFiles:
-    """Locate each network's weights in a Hugging Face snapshot of ``stabilityai/stable-cascade`` (official files at
-    the root; ``decoder[_lite]/`` and ``vqgan/`` folders) and/or ``stabilityai/stable-cascade-prior``
-    (``prior[_lite]/`` folders). ``root`` may be a list of directories, searched in order (e.g. both snapshots).
-
-    Per network: the official file in the preferred precision, then the other precision, then the diffusers
-    folder (whose precision the loader picks from the dtype). ``effnet`` and ``previewer`` are optional (None when
-    absent). Raises CheckpointError listing everything that is missing and where it was looked for.
-    """
-    for name, value in (("prior_variant", prior_variant), ("decoder_variant", decoder_variant)):
-        if value not in _VARIANTS:
-            raise ValueError(f"{name} must be 'lite' or 'big', got {value!r}")
-    roots = (
-        [Path(root).expanduser()]
-        if isinstance(root, (str, Path))
-        else [Path(r).expanduser() for r in root]
-    )
-    bad = [str(r) for r in roots if not r.is_dir()]
-    if bad:
-        raise CheckpointError(f"weights directory not found: {', '.join(bad)}")
-    lite_c, lite_b = prior_variant == "lite", decoder_variant == "lite"
-    wanted: dict[str, tuple[list[str], str | None]] = {
-        "stage_c": (
-            _official_names("stage_c_lite" if lite_c else "stage_c", prefer_bf16),
-            "prior_lite" if lite_c else "prior",
-        ),
-        "stage_b": (
-            _official_names("stage_b_lite" if lite_b else "stage_b", prefer_bf16),
-            "decoder_lite" if lite_b else "decoder",
-        ),
-        "stage_a": (["stage_a.safetensors"], "vqgan"),
-        "effnet": (["effnet_encoder.safetensors"], None),
-        "previewer": (["previewer.safetensors"], None),
-    }
-    found: dict[str, Path | None] = {}
-    missing: list[str] = []
-    for stage, (files, folder) in wanted.items():
-        hit: Path | None = None
-        for r in roots:
-            hit = next((r / f for f in files if (r / f).is_file()), None)
-            if hit is None and folder and _is_diffusers_folder(r / folder):
-                hit = r / folder
-            if hit is not None:
-                break
-        found[stage] = hit
-        if hit is None and stage in ("stage_c", "stage_b", "stage_a"):
-            looked = " or ".join(
-                files + ([f"{folder}/ (config.json + {DIFFUSERS_WEIGHTS})"] if folder else [])
-            )
-            broken = [
-                str(r / f)
-                for r in roots
-                for f in files
-                if (r / f).is_symlink() and not (r / f).exists()
-            ]
-            missing.append(
-                f"{_SPECS[stage].name}: {looked}"
-                + (f" (broken symlinks, incomplete download?: {broken})" if broken else "")
-            )
-    if missing:
-        where = ", ".join(str(r) for r in roots)
-        raise CheckpointError(
-            f"missing weights under {where}: "
-            + "; ".join(missing)
-            + ". Stage B/A and the official files are in stabilityai/stable-cascade, the prior "
-            "folders in stabilityai/stable-cascade-prior."
-        )
-    return StageFiles(**found)  # type: ignore[arg-type]

@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import models.common as common
+import models.cpu_kernels as cpu_kernels
 from models.common import AttnBlock
 
 pytestmark = pytest.mark.skipif(
-    common._reorder_linear_weight is None, reason="no oneDNN bfloat16 support on this CPU"
+    cpu_kernels._reorder_linear_weight is None, reason="no oneDNN bfloat16 support on this CPU"
 )
 
 
@@ -44,7 +44,7 @@ def test_folded_condition_path_equals_the_two_step_path(dtype: torch.dtype) -> N
     want = two_step_kv(block, cond_act)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         folded = block._folded_cond_kv(cond_act)
-        unfolded = block.attention.attn.cond_kv(common.linear_module(cond_act, block.kv_mapper[1]))
+        unfolded = block.attention.attn.cond_kv(cpu_kernels.linear_module(cond_act, block.kv_mapper[1]))
     assert folded is not None and folded.dtype == torch.bfloat16 and folded.shape == (2, 9, 96)
     # One bf16 rounding of the folded weight against one of the intermediate: the same accuracy class.
     assert rel_err(folded, want) < 1e-2
@@ -80,9 +80,9 @@ def test_fold_is_skipped_where_it_does_not_apply(monkeypatch) -> None:
         assert random_block(32, 64, torch.bfloat16)._folded_cond_kv(cond_act) is None
         block = random_block(48, 64, torch.bfloat16)
         assert block._folded_cond_kv(cond_act.float()) is None  # float32 compute
-        monkeypatch.setattr(common, "FOLD_KV_MAPPER", False)
+        monkeypatch.setattr(cpu_kernels, "FOLD_KV_MAPPER", False)
         assert block._folded_cond_kv(cond_act) is None
-    monkeypatch.setattr(common, "FOLD_KV_MAPPER", True)
+    monkeypatch.setattr(cpu_kernels, "FOLD_KV_MAPPER", True)
     assert block._folded_cond_kv(cond_act) is None  # autograd on: no cached weights
     with torch.inference_mode():
         inference_block = random_block(48, 64, torch.bfloat16)

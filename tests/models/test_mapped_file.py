@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from models.mapped_file import MappedFile
-from models.weights import read_safetensors_header
+from models.safetensors_header import read_safetensors_header
 
 
 def test_views_equal_the_saved_tensors_and_writes_stay_private(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-import models.common as common
+import models.cpu_kernels as cpu_kernels
 from models import convert
 from models.common import gen_r_embedding
 from models.config import StageAConfig, StageBConfig, StageCConfig
@@ -144,7 +144,7 @@ def test_stage_b_matches_diffusers(stage_b_pair, size) -> None:
 
 def test_portable_kernels_match_diffusers_too(stage_b_pair, stage_c_pair, monkeypatch) -> None:
     """The F.linear path (GPU, autograd) must satisfy the same parity bar as the CPU oneDNN path."""
-    monkeypatch.setattr(common, "USE_ONEDNN_LINEAR", False)
+    monkeypatch.setattr(cpu_kernels, "USE_ONEDNN_LINEAR", False)
     for (ours, ref), inputs, run_ref in (
         (stage_b_pair, stage_b_inputs(2, 40, 24), run_ref_b),
         (stage_c_pair, stage_c_inputs(2, 5, 7), run_ref_c),
@@ -239,7 +239,7 @@ def test_cached_conv_weights_follow_weight_changes(stage_b_pair) -> None:
 
 
 needs_onednn_bf16 = pytest.mark.skipif(
-    common._reorder_linear_weight is None, reason="no oneDNN bfloat16 support on this CPU"
+    cpu_kernels._reorder_linear_weight is None, reason="no oneDNN bfloat16 support on this CPU"
 )
 
 
@@ -290,7 +290,7 @@ def test_prepacked_bf16_weights_give_the_plain_results(stage_c_pair, monkeypatch
     model = copy.deepcopy(ours).to(torch.bfloat16)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         packed = model(**inputs)
-        monkeypatch.setattr(common, "PREPACK_BF16_WEIGHTS", False)
+        monkeypatch.setattr(cpu_kernels, "PREPACK_BF16_WEIGHTS", False)
         plain = model(**inputs)
     assert rel_err(packed.float(), plain.float()) < 1e-2  # bit-identical in practice; bf16 rounding bar
 
@@ -305,13 +305,13 @@ def test_cpu_bf16_attention_keeps_float32_scores(monkeypatch) -> None:
     v = torch.randn(B, S, nh, d, generator=g).bfloat16().transpose(1, 2)
     want = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
     sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    got = common.attention(q, k, v)
+    got = cpu_kernels.attention(q, k, v)
     assert got.dtype == torch.bfloat16 and got.shape == (B, nh, N, d)
     assert rel_err(got.double(), want) < 2 * rel_err(sdpa.double(), want) + 1e-3
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.equal(common.attention(q, k, v), got)  # autocast would round the scores to bf16
-    monkeypatch.setattr(common, "_ATTN_SCORES_BYTES", 4 * B * nh * S * 8)  # 8 query rows per chunk
-    assert rel_err(common.attention(q, k, v).double(), want) < 2 * rel_err(sdpa.double(), want) + 1e-3
+        assert torch.equal(cpu_kernels.attention(q, k, v), got)  # autocast would round the scores to bf16
+    monkeypatch.setattr(cpu_kernels, "_ATTN_SCORES_BYTES", 4 * B * nh * S * 8)  # 8 query rows per chunk
+    assert rel_err(cpu_kernels.attention(q, k, v).double(), want) < 2 * rel_err(sdpa.double(), want) + 1e-3
     assert torch.backends.mkldnn.matmul.fp32_precision == "none"  # the score GEMM's setting does not leak
 
 
@@ -324,16 +324,16 @@ def test_onednn_score_gemm_keep_float32_gemms_exact_and_restore_the_setting() ->
     want = torch.bmm(a.double(), b.double())
     setting = torch.backends.mkldnn.matmul
     before = setting.fp32_precision
-    with common._onednn_score_gemm():
+    with cpu_kernels._onednn_score_gemm():
         assert setting.fp32_precision == "bf16"
         got = torch.baddbmm(a.new_empty(1, 1, 1), a, b, beta=0.0)
     assert got.dtype == torch.float32
     assert rel_err(got.double(), want) < 1e-6  # float32 accumulation only; rounding to bf16 would give ~1e-3
     assert setting.fp32_precision == before
-    with pytest.raises(RuntimeError, match="inside"), common._onednn_score_gemm():
+    with pytest.raises(RuntimeError, match="inside"), cpu_kernels._onednn_score_gemm():
         raise RuntimeError("inside")
     assert setting.fp32_precision == before
-    with common._onednn_score_gemm(enabled=False):
+    with cpu_kernels._onednn_score_gemm(enabled=False):
         assert setting.fp32_precision == before
 
 def test_sca_condition_changes_output(stage_b_pair) -> None:

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from models import convert, weights
+from models import convert, weight_sources, weights
 from models.config import (
     EfficientNetConfig,
     PreviewerConfig,
@@ -337,7 +337,7 @@ def test_stage_c_diffusers_folder(tmp_path: Path, shard: str | None) -> None:
     folder = tmp_path / "prior_lite"
     ref.save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
     if shard:
-        assert (folder / weights.DIFFUSERS_INDEX).is_file()
+        assert (folder / weight_sources.DIFFUSERS_INDEX).is_file()
         assert len(list(folder.glob("*.safetensors"))) > 1
     loaded = weights.load_stage_c(folder)
     assert loaded.config == replace(cfg, dropout=tuple(ref.config.dropout))
@@ -430,7 +430,7 @@ def test_find_stage_files_diffusers_layout_over_two_snapshots(tmp_path: Path) ->
     touch(cascade / "vqgan" / "diffusion_pytorch_model.safetensors")
     touch(cascade / "decoder_lite" / "config.json", "{}")  # no weights: not a usable folder
     touch(prior / "prior" / "config.json", "{}")
-    touch(prior / "prior" / weights.DIFFUSERS_INDEX, json.dumps({"weight_map": {}}))
+    touch(prior / "prior" / weight_sources.DIFFUSERS_INDEX, json.dumps({"weight_map": {}}))
 
     files = weights.find_stage_files([cascade, prior], prior_variant="big", decoder_variant="big")
     assert (files.stage_c, files.stage_b, files.stage_a) == (

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models import convert, weights
+from models import convert, weight_reading, weight_sources, weights
 from models.config import PreviewerConfig, StageAConfig, StageBConfig, StageCConfig
 from models.previewer import Previewer
 from models.stage_a import StageA
@@ -48,8 +48,8 @@ def no_data_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             f"tensor data of {path} was opened before the checkpoint was validated"
         )
 
-    monkeypatch.setattr(weights, "MappedFile", forbidden)
-    monkeypatch.setattr(weights, "safe_open", forbidden)
+    monkeypatch.setattr(weight_reading, "MappedFile", forbidden)
+    monkeypatch.setattr(weight_reading, "safe_open", forbidden)
     return calls
 
 
@@ -262,7 +262,7 @@ def diffusers_folder(path: Path, config: dict, sd: dict, shards: int = 1) -> Pat
     (path / "config.json").write_text(json.dumps(config))
     keys = list(sd)
     if shards == 1:
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(path / weights.DIFFUSERS_WEIGHTS))
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path / weight_sources.DIFFUSERS_WEIGHTS))
         return path
     weight_map = {}
     for i in range(shards):
@@ -270,7 +270,7 @@ def diffusers_folder(path: Path, config: dict, sd: dict, shards: int = 1) -> Pat
         part = keys[i::shards]
         save_file({k: sd[k].contiguous() for k in part}, str(path / name))
         weight_map.update({k: name for k in part})
-    (path / weights.DIFFUSERS_INDEX).write_text(
+    (path / weight_sources.DIFFUSERS_INDEX).write_text(
         json.dumps({"metadata": {}, "weight_map": weight_map})
     )
     return path

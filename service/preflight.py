@@ -87,7 +87,7 @@ def _found(root: Path) -> str:
 
 
 def _is_pickle(path: Path) -> bool:
-    from models.weights import PICKLE_SUFFIXES  # the loader refuses exactly these
+    from models.safetensors_header import PICKLE_SUFFIXES  # the loader refuses exactly these
 
     return path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES
 

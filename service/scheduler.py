@@ -40,6 +40,7 @@ from service.metrics import Metrics
 logger = logging.getLogger("service.scheduler")
 Mode = Literal["continuous", "static"]
 CAP_STEPS = 100  # steps a group stays capped after running out of memory
+IDLE_WAIT_S = 0.05  # an iteration with nothing to compute waits this long (or for a new job)
 
 
 class Scheduler:
@@ -62,6 +63,7 @@ class Scheduler:
         self.active: list[Job] = []  # admitted, not yet answered by the scheduler
         self._order = itertools.count()
         self._caps: dict[Any, _Cap] = {}  # group key -> forward-size cap after out of memory
+        self._calls = 0  # compute calls made, to tell an iteration that did nothing
 
     async def run(self) -> None:
         """Iterate until cancelled (at shutdown). A bug in one iteration fails the jobs it holds
@@ -77,11 +79,17 @@ class Scheduler:
                 self._publish()
 
     async def iterate(self) -> None:
-        """One iteration (module docstring). Waits for a job when there is nothing to do."""
+        """One iteration (module docstring). Waits for a job when there is nothing to do, and
+        always gives the event loop a turn: an iteration that computes nothing must not spin (the
+        callbacks that take answered jobs out of the queue run on this loop too)."""
         self._drop_answered()
+        for job in self.queue:
+            if job.done:  # answered while queued: its done callback may not have run yet
+                self.queue.discard(job)
         if not self.active and not len(self.queue):
             await self.queue.wait_for_put()
             return
+        calls = self._calls
         self._expire(self.clock())
         finished = [job for job in self.active if job.stage == "vqgan"]
         if finished:
@@ -98,6 +106,8 @@ class Scheduler:
         if group:
             await self._isolating(self._capped(group), self._step)
         self._publish()
+        if self._calls == calls:  # nothing computed: wait for news instead of spinning
+            await self.queue.wait_for_put(IDLE_WAIT_S)
 
     # ---- admission ----
 
@@ -195,6 +205,7 @@ class Scheduler:
         """``call(jobs)``; if it raises, retry each half, down to a single job, which alone fails:
         whoever shared a call with a failing job is unaffected (a failed call changes no job
         state). Out of memory also caps the group's forward size (``_caps``)."""
+        self._calls += 1
         try:
             await call(jobs)
             self.metrics.batches.labels("ok").inc()

@@ -12,9 +12,10 @@ is cast and the diffusers model re-pointed at the cast tensors. Runs are interle
 ...) after a warm-up so that load changes on a shared machine hit both sides alike; the median is reported.
 
 Usage: ``python bench/bench_forward.py [--quick] [--repeats N] [--models c,b] [--dtypes fp32,bf16]
-[--seed N] [--off SWITCH] [--out docs/bench_forward.md]``. ``--off FOLD_KV_MAPPER`` (or another
-``models.cpu_kernels`` switch) adds our forward with that optimisation off to the interleaved runs: an A/B in
-one process, on the same weights.
+[--seed N] [--off SWITCH | --on SWITCH] [--out docs/bench_forward.md]``. ``--off FOLD_KV_MAPPER`` (or another
+``models.cpu_kernels`` switch) adds our forward with that optimisation off to the interleaved runs, ``--on``
+with one that this CPU leaves off (``--on ONEDNN_FLOAT32_LINEAR`` on an AVX2 CPU): an A/B in one process, on
+the same weights. The report names the CPU's kind and which switches it turned on.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models import convert, cpu_kernels
+from models import convert, cpu_features, cpu_kernels
 from models.config import StageBConfig, StageCConfig
 from models.stage_b import StageB
 from models.stage_c import StageC
@@ -106,48 +107,60 @@ def share_weights(ours: nn.Module, ref: nn.Module) -> None:
 
 
 SWITCHES = (
-    "FOLD_KV_MAPPER", "ONEDNN_SCORE_GEMM", "PREPACK_BF16_WEIGHTS", "USE_CPU_BF16_ATTENTION", "USE_ONEDNN_LINEAR"
+    "BF16_VIA_FLOAT32", "FOLD_KV_MAPPER", "ONEDNN_FLOAT32_LINEAR", "ONEDNN_SCORE_GEMM", "PREPACK_BF16_WEIGHTS",
+    "USE_CPU_BF16_ATTENTION", "USE_ONEDNN_LINEAR",
 )
 
 
 @contextmanager
-def switched_off(name: str | None):
-    """``models.cpu_kernels.<name> = False`` inside the block (no-op for None)."""
-    if name is None:
+def switched(switch: tuple[str, bool] | None):
+    """``models.cpu_kernels.<name> = value`` inside the block, for ``switch = (name, value)`` (no-op for
+    None)."""
+    if switch is None:
         yield
         return
+    name, value = switch
     saved = getattr(cpu_kernels, name)
-    setattr(cpu_kernels, name, False)
+    setattr(cpu_kernels, name, value)
     try:
         yield
     finally:
         setattr(cpu_kernels, name, saved)
 
 
+def cpu_paths() -> str:
+    """The CPU's kind and the fast-path switches as this process has them."""
+    on = [name for name in SWITCHES if getattr(cpu_kernels, name)]
+    off = [name for name in SWITCHES if not getattr(cpu_kernels, name)]
+    bf16 = "yes" if cpu_kernels._onednn_bf16 else "no (the bf16 prepack and fold paths do not apply)"
+    return (f"{cpu_features.describe()}; oneDNN bf16 kernels: {bf16}; switches on: {', '.join(on)}; "
+            f"off: {', '.join(off) or 'none'}")
+
+
 def time_pair(
-    ours, ref, run_ours, run_ref, dtype: torch.dtype, repeats: int, off: str | None = None
+    ours, ref, run_ours, run_ref, dtype: torch.dtype, repeats: int, alt: tuple[str, bool] | None = None
 ) -> dict[str, float]:
     """Warm up both, then ``repeats`` interleaved timed forwards each.
 
     Returns medians of wall time and of process CPU time (all threads; steadier than wall time when other
-    jobs share the cores) for both sides, and the max relative difference of the two outputs. ``off``:
-    also time ours with that ``models.cpu_kernels`` switch off ("ours_off"), interleaved with the others, for
-    an A/B of one optimisation in one run.
+    jobs share the cores) for both sides, and the max relative difference of the two outputs. ``alt``
+    (name, value): also time ours with that ``models.cpu_kernels`` switch set so ("ours_alt"), interleaved
+    with the others, for an A/B of one optimisation in one run.
     """
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
     sides = [("ours", run_ours, ours, None), ("ref", run_ref, ref, None)]
-    if off is not None:
-        sides.insert(1, ("ours_off", run_ours, ours, off))
+    if alt is not None:
+        sides.insert(1, ("ours_alt", run_ours, ours, alt))
     times: dict[str, list[float]] = {k: [] for side, *_ in sides for k in (side, side + "_cpu")}
     with torch.inference_mode(), ctx:
         a, b = run_ours(ours).float(), run_ref(ref).float()  # warm-up, and a sanity check of agreement
         diff = ((a - b).abs().max() / b.abs().max()).item()
-        if off is not None:
-            with switched_off(off):
+        if alt is not None:
+            with switched(alt):
                 run_ours(ours)  # warm-up of the other path
         for _ in range(repeats):
             for side, fn, model, switch in sides:
-                with switched_off(switch):
+                with switched(switch):
                     t0, c0 = time.perf_counter(), time.process_time()
                     fn(model)
                     times[side].append(time.perf_counter() - t0)
@@ -166,9 +179,14 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also write the results table (markdown) to this file")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    ap.add_argument("--off", choices=SWITCHES, default=None,
+    ab = ap.add_mutually_exclusive_group()
+    ab.add_argument("--off", choices=SWITCHES, default=None,
                     help="also time ours with this models.cpu_kernels switch off (A/B in the same run)")
+    ab.add_argument("--on", choices=SWITCHES, default=None,
+                    help="also time ours with this models.cpu_kernels switch on (A/B in the same run)")
     args = ap.parse_args()
+    alt = (args.off, False) if args.off else (args.on, True) if args.on else None
+    alt_label = f"{alt[0]} {'on' if alt[1] else 'off'}" if alt else ""
     repeats = args.repeats or (1 if args.quick else 5)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -185,15 +203,15 @@ def main() -> None:
                 ours.to(dtype)
                 share_weights(ours, ref)  # drops diffusers' references to the float32 tensors
                 gc.collect()
-            t = time_pair(ours, ref, run_ours, run_ref, dtype, repeats, args.off)
+            t = time_pair(ours, ref, run_ours, run_ref, dtype, repeats, alt)
             rows.append((names[which], dname, t))
             print(f"{names[which]:34s} {dname:5s} wall: ours {t['ours']:7.3f} s, diffusers "
                   f"{t['ref']:7.3f} s, ratio {t['ours'] / t['ref']:5.2f} | cpu: ours {t['ours_cpu']:7.3f} s, "
                   f"diffusers {t['ref_cpu']:7.3f} s, ratio {t['ours_cpu'] / t['ref_cpu']:5.2f} | "
                   f"max rel diff {t['diff']:.1e}", flush=True)
-            if args.off:
-                print(f"{'':34s} {'':5s} wall: ours with {args.off} off {t['ours_off']:7.3f} s, ratio "
-                      f"{t['ours_off'] / t['ref']:5.2f} | cpu {t['ours_off_cpu']:7.3f} s", flush=True)
+            if alt:
+                print(f"{'':34s} {'':5s} wall: ours with {alt_label} {t['ours_alt']:7.3f} s, ratio "
+                      f"{t['ours_alt'] / t['ref']:5.2f} | cpu {t['ours_alt_cpu']:7.3f} s", flush=True)
         del ours, ref
         gc.collect()
 
@@ -207,17 +225,18 @@ def main() -> None:
         f"| {t['ours_cpu']:.3f} | {t['ref_cpu']:.3f} | {t['ours_cpu'] / t['ref_cpu']:.2f} | {t['diff']:.1e} |"
         for n, d, t in rows
     ]
-    if args.off:
-        header = header.replace("| max rel. diff |", f"| max rel. diff | ours, {args.off} off, wall (s) | ratio |")
+    if alt:
+        header = header.replace("| max rel. diff |", f"| max rel. diff | ours, {alt_label}, wall (s) | ratio |")
         header += "---|---|"
         lines = [
-            line + f" {t['ours_off']:.3f} | {t['ours_off'] / t['ref']:.2f} |"
+            line + f" {t['ours_alt']:.3f} | {t['ours_alt'] / t['ref']:.2f} |"
             for line, (_, _, t) in zip(lines, rows)
         ]
     table = "\n".join([header, *lines])
     machine = (f"CPU: {cpu_model()}, {os.cpu_count()} cores visible, torch {torch.__version__} "
                f"({torch.get_num_threads()} threads); median of {repeats} interleaved repeat(s) after 1 warm-up; "
-               f"1-min load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end")
+               f"1-min load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end\n"
+               f"CPU paths: {cpu_paths()}")
     print()
     print(table)
     print(machine)

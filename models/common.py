@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.cpu_kernels import attention, folded_kv, linear, linear_module
+from models.cpu_kernels import attention, conv, folded_kv, linear, linear_module
 
 LN_EPS = 1e-6  # every LayerNorm of Stage B / C: no affine, eps 1e-6
 CL = torch.channels_last
@@ -185,7 +185,8 @@ class ResBlock(nn.Module):
         self.channelwise = _mlp(c + c_skip, c, dropout)
 
     def forward(self, x: Tensor, skip: Tensor | None = None) -> Tensor:
-        h = nhwc(self.depthwise(x))
+        dw = self.depthwise
+        h = nhwc(conv(F.conv2d, x, dw.weight, dw.bias, dw.stride, dw.padding, dw.dilation, dw.groups))
         h = F.layer_norm(h, (h.shape[-1],), eps=LN_EPS)
         if skip is not None:
             h = torch.cat([h, nhwc(skip).to(h.dtype)], dim=-1)

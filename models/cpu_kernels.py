@@ -1,31 +1,44 @@
-"""CPU fast paths of the networks' linears and attention, and the switches that choose them.
+"""CPU fast paths of the networks' linears, convolutions and attention, chosen by what the CPU has.
 
-- ``linear``: oneDNN's fused linear (bias and exact GELU inside the GEMM) on the CPU, F.linear elsewhere.
-- bfloat16 weights prepacked once into oneDNN's GEMM layout (``prepacked_bf16_weight``).
+- ``linear``: oneDNN's fused linear (bias and exact GELU inside the GEMM) where it is the faster kernel,
+  F.linear elsewhere; bfloat16 weights prepacked once into oneDNN's GEMM layout (``prepacked_bf16_weight``).
 - ``folded_kv``: an attention block's kv_mapper Linear and the k/v projection as one bf16 GEMM.
-- ``attention``: SDPA, except bfloat16 on the CPU (float32 scores through oneDNN, float32 softmax).
+- ``attention``: SDPA, except bfloat16 on a CPU with oneDNN bf16 kernels (float32 scores, float32 softmax).
+- ``linear`` / ``conv`` in bfloat16 on a CPU without bf16 kernels: float32 kernels on the bf16 values.
 
-Each path has a module switch (``USE_ONEDNN_LINEAR``, ``PREPACK_BF16_WEIGHTS``, ``FOLD_KV_MAPPER``,
-``USE_CPU_BF16_ATTENTION``, ``ONEDNN_SCORE_GEMM``) for A/B measurements (``bench/bench_forward.py --off``);
-every path agrees with the plain one to float rounding. Derived weights are cached on the module that owns
-the source weights (``models.derived_weights``).
+Which path runs on which CPU (``models.cpu_features``; measured in docs/bench_forward.md, one table per
+CPU kind):
+
+| path (switch) | AVX-512 + oneDNN bf16 (Zen 5) | AVX2 only (Zen 3) |
+|---|---|---|
+| float32 linears via oneDNN (``ONEDNN_FLOAT32_LINEAR``) | yes | no: F.linear (MKL) |
+| bf16 linears via oneDNN, prepacked (``PREPACK_BF16_WEIGHTS``) | yes | no oneDNN bf16 |
+| bf16 condition path folded (``FOLD_KV_MAPPER``) | yes | no |
+| bf16 linears and convolutions as float32 kernels (``BF16_VIA_FLOAT32``) | no | yes |
+| bf16 attention, float32 scores (``USE_CPU_BF16_ATTENTION``, ``ONEDNN_SCORE_GEMM``) | yes | no: SDPA |
+
+Every switch is a module attribute for A/B measurements (``bench/bench_forward.py --off / --on``);
+``USE_ONEDNN_LINEAR`` turns oneDNN off altogether. Every path agrees with the plain one to float rounding.
+Derived weights are cached on the module that owns the source weights (``models.derived_weights``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models import cpu_features
 from models.derived_weights import cached_derived
 
 
-# oneDNN's fused linear (the kernel that torch.compile uses on CPU). Measured on the 2-core AMD EPYC dev
-# machine at Stage B/C shapes: float32 about 2.5x faster than F.linear (whose MKL sgemm takes a slow path
-# on AMD CPUs), bfloat16 5-15% faster (bias and GELU fused into the GEMM instead of extra passes).
+# oneDNN's fused linear (the kernel that torch.compile uses on CPU). Measured on the 2-core AMD EPYC Zen 5
+# (AVX-512, AVX-512-BF16) dev machine at Stage B/C shapes: float32 about 2.5x faster than F.linear (whose
+# MKL sgemm takes a slow path on AMD CPUs), bfloat16 5-15% faster (bias and GELU fused into the GEMM
+# instead of extra passes).
 _onednn_linear = (
     getattr(torch.ops.mkldnn, "_linear_pointwise", None)
     if torch.backends.mkldnn.is_available()
@@ -33,25 +46,49 @@ _onednn_linear = (
 )
 _onednn_bf16 = _onednn_linear is not None and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 USE_ONEDNN_LINEAR = True  # module switch for A/B measurements; both paths agree to float rounding
+# float32 through oneDNN only where it was measured to win (AVX-512). On the AVX2-only Zen 3 (2 cores)
+# MKL's AVX2 sgemm (F.linear, as diffusers runs) is the faster float32 kernel: see docs/bench_forward.md.
+ONEDNN_FLOAT32_LINEAR = cpu_features.AVX512
+# bfloat16 where the CPU has no oneDNN bf16 kernels (AVX2): torch's bf16 GEMMs and convolutions there are
+# scalar fallbacks, 5-50x slower than float32 (measured on the Zen 3: a 288x1536x6144 GEMM 579 vs 113 ms,
+# a 3x3 depthwise conv at 320x64x64 166 vs 5 ms). Run them as float32 kernels on the bf16-rounded
+# operands instead, rounding the result to bf16: the products of bf16 values are exact in float32 and
+# the sums are float32 either way, so this is the bf16 kernel's arithmetic, at float32 speed.
+BF16_VIA_FLOAT32 = not _onednn_bf16
+
+
+def _cpu_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
+    """The dtype an op of ``x`` and ``weight`` computes in on the CPU, honouring CPU autocast, or None
+    where the plain op must run unchanged (GPU, autograd through the operands, mismatched dtypes)."""
+    if x.device.type != "cpu" or weight.device.type != "cpu":
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return None  # the fused kernel has no autograd formula
+    if torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu")  # our ops are not autocast-aware: cast as autocast would
+    if x.dtype == weight.dtype:
+        return x.dtype
+    return None  # F.linear raises its usual dtype-mismatch error
 
 
 def _onednn_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
     """Compute dtype for the oneDNN path, or None where F.linear must run (GPU, autograd, fp16...)."""
     if not USE_ONEDNN_LINEAR or _onednn_linear is None:
         return None
-    if x.device.type != "cpu" or weight.device.type != "cpu":
-        return None
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return None  # the fused kernel has no autograd formula
-    if torch.is_autocast_enabled("cpu"):
-        dtype = torch.get_autocast_dtype("cpu")  # the op is not autocast-aware: cast as autocast would
-    elif x.dtype == weight.dtype:
-        dtype = x.dtype
-    else:
-        return None  # F.linear raises its usual dtype-mismatch error
-    if dtype == torch.float32 or (dtype == torch.bfloat16 and _onednn_bf16):
+    dtype = _cpu_dtype(x, weight)
+    if (dtype == torch.float32 and ONEDNN_FLOAT32_LINEAR) or (dtype == torch.bfloat16 and _onednn_bf16):
         return dtype
     return None
+
+
+def _bf16_via_float32(x: Tensor, weight: Tensor) -> bool:
+    """Whether an op of ``x`` and ``weight`` computes in bf16 on the CPU and runs as float32 there."""
+    return BF16_VIA_FLOAT32 and _cpu_dtype(x, weight) == torch.bfloat16
+
+
+def _as_bf16_values(t: Tensor | None) -> Tensor | None:
+    """``t`` rounded to bf16 as autocast would, held in float32 (exactly). Memory format is kept."""
+    return None if t is None else t.to(torch.bfloat16).float()
 
 
 def linear(
@@ -65,12 +102,17 @@ def linear(
     """``x @ weight.T + bias`` over the last dim, then exact (erf) GELU if ``gelu``.
 
     ``x: [..., in]``, ``weight: [out, in]`` -> ``[..., out]``. On CPU without autograd this is oneDNN's
-    fused linear (bias and GELU inside the GEMM), honouring CPU autocast; elsewhere F.linear (+ F.gelu).
+    fused linear (bias and GELU inside the GEMM) where it is the faster kernel, honouring CPU autocast;
+    bf16 on a CPU without bf16 kernels a float32 GEMM (``BF16_VIA_FLOAT32``); elsewhere F.linear (+ F.gelu).
     ``owner`` / ``key``: the module that owns ``weight`` and a name for it there; given them, a bfloat16
     CPU call reuses a weight prepacked for oneDNN (see ``prepacked_bf16_weight``).
     """
     dtype = _onednn_dtype(x, weight)
     if dtype is None:
+        if _bf16_via_float32(x, weight):
+            with torch.autocast("cpu", enabled=False):
+                args = (_as_bf16_values(x), _as_bf16_values(weight), _as_bf16_values(bias))
+                return linear(*args, gelu).to(torch.bfloat16)
         y = F.linear(x, weight, bias)
         return F.gelu(y) if gelu else y
     b = None if bias is None else bias.to(dtype)
@@ -85,10 +127,22 @@ def linear(
     return _onednn_linear(x, w, b, "none", [], "")
 
 
+def conv(
+    op: Callable[..., Tensor], x: Tensor, weight: Tensor, bias: Tensor | None, *args, **kwargs
+) -> Tensor:
+    """``op(x, weight, bias, *args, **kwargs)`` for ``F.conv2d`` / ``F.conv_transpose2d``; bf16 on a CPU
+    without bf16 kernels as the float32 convolution of the bf16-rounded operands (``BF16_VIA_FLOAT32``).
+    Shapes as ``op``'s."""
+    if _bf16_via_float32(x, weight):
+        with torch.autocast("cpu", enabled=False):
+            y = op(_as_bf16_values(x), _as_bf16_values(weight), _as_bf16_values(bias), *args, **kwargs)
+        return y.to(torch.bfloat16)
+    return op(x, weight, bias, *args, **kwargs)
+
+
 def linear_module(x: Tensor, module: nn.Linear, gelu: bool = False) -> Tensor:
     """``linear`` with an ``nn.Linear``'s parameters."""
     return linear(x, module.weight, module.bias, gelu, owner=module)
-
 
 
 # oneDNN's own weight layout for the bfloat16 GEMM. Given a plain [out, in] weight, _linear_pointwise
@@ -178,7 +232,9 @@ def folded_kv(
     return _onednn_linear(x.to(torch.bfloat16), w, b, "none", [], "")
 
 
-USE_CPU_BF16_ATTENTION = True  # module switch for A/B measurements
+# Only where oneDNN has bf16 kernels: on the AVX2-only Zen 3 SDPA's flash kernel is the faster one (Stage C
+# lite shapes, one thread: 9.4 vs 15.4 ms per call with float32 products, 78 ms with torch's bf16 bmm).
+USE_CPU_BF16_ATTENTION = _onednn_bf16  # module switch for A/B measurements
 ONEDNN_SCORE_GEMM = True  # module switch for A/B measurements (see ``_onednn_score_gemm``)
 _ATTN_SCORES_BYTES = 64 << 20  # float32 scores held at once by the CPU bf16 attention (bounds memory)
 
@@ -186,9 +242,10 @@ _ATTN_SCORES_BYTES = 64 << 20  # float32 scores held at once by the CPU bf16 att
 def attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
     """Softmax attention, scale 1/sqrt(d). ``q: [B, nh, N, d]``, ``k, v: [B, nh, S, d]`` -> ``[B, nh, N, d]``.
 
-    SDPA everywhere except bfloat16 on the CPU without autograd or dropout, where ``_attention_cpu_bf16``
-    does the same maths faster than the CPU flash kernel (measured on the 2-core AVX-512-BF16 dev machine:
-    a Stage C lite forward, 32 calls, takes 34 ms longer with SDPA; Stage B lite 2.0 vs 2.1-2.6 ms per call).
+    SDPA everywhere except bfloat16 on a CPU with oneDNN bf16 kernels, without autograd or dropout, where
+    ``_attention_cpu_bf16`` does the same maths faster than the CPU flash kernel (measured on the 2-core
+    AVX-512-BF16 dev machine: a Stage C lite forward, 32 calls, takes 34 ms longer with SDPA; Stage B lite
+    2.0 vs 2.1-2.6 ms per call; see ``USE_CPU_BF16_ATTENTION``).
     """
     if (
         USE_CPU_BF16_ATTENTION

@@ -21,6 +21,7 @@ from models.common import (
     to_channels_last,
 )
 from models.config import StageBConfig
+from models.cpu_kernels import conv as cpu_conv
 from models.cpu_kernels import linear_module
 from models.derived_weights import CachedWeightsModule, channels_last_weight
 from models.levels import add_levels, run_levels
@@ -49,7 +50,7 @@ class _Resample2x2(nn.Sequential):
     def forward(self, x: Tensor) -> Tensor:
         conv = self[1]
         op = F.conv_transpose2d if isinstance(conv, nn.ConvTranspose2d) else F.conv2d
-        return op(layer_norm_2d(x), channels_last_weight(conv), conv.bias, stride=2)
+        return cpu_conv(op, layer_norm_2d(x), channels_last_weight(conv), conv.bias, stride=2)
 
 
 class StageB(CachedWeightsModule):

@@ -42,6 +42,7 @@ from models.config import (
     StageBConfig,
     StageCConfig,
 )
+from models.cpu_features import warn_if_bf16_is_emulated
 from models.effnet import EfficientNetEncoder
 from models.infer_config import (
     CheckpointError,
@@ -257,6 +258,7 @@ def _load(
     spec = _SPECS[kind]
     device = torch.device(device)
     float_dtype = _resolve_dtype(dtype, device)
+    warn_if_bf16_is_emulated(float_dtype, device)
     src = resolve_source(source, variant, float_dtype)
     try:
         infos = read_headers(src.files)

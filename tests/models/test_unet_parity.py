@@ -297,6 +297,7 @@ def test_prepacked_bf16_weights_give_the_plain_results(stage_c_pair, monkeypatch
 
 def test_cpu_bf16_attention_keeps_float32_scores(monkeypatch) -> None:
     """The CPU bf16 attention: as accurate as SDPA's bf16 kernel, unaffected by autocast, chunked or not."""
+    monkeypatch.setattr(cpu_kernels, "USE_CPU_BF16_ATTENTION", True)  # on CPUs that default to SDPA too
     g = torch.Generator().manual_seed(4)
     B, nh, N, S, d = 2, 3, 37, 53, 16
     qkv = torch.randn(B, N, 3, nh, d, generator=g).bfloat16()  # strided views, as the model passes them

@@ -9,7 +9,10 @@
 # /weights (see docs/deploy.md). CUDA 13.0 user-space libraries need an NVIDIA driver >= 580 on the host.
 
 # The CUDA version of the base image and the torch index below must agree (13.0 <-> cu130);
-# tests/deploy/test_dockerfile.py checks that they do.
+# tests/deploy/test_dockerfile.py checks that they do. For a driver older than 580 (525 and later),
+# build the CUDA 12.6 line instead (docs/deploy.md, "CUDA builds and drivers"):
+#   docker build --build-arg CUDA_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu24.04 \
+#       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 -t cascade-serve .
 ARG CUDA_IMAGE=nvidia/cuda:13.0.0-runtime-ubuntu24.04
 
 # ---------------------------------------------------------------------------------------------------

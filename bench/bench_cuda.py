@@ -15,7 +15,9 @@ Speed (random weights at the released sizes, bfloat16; CUDA events / synchronise
 - end to end at 1024x1024 (Stage C 20 steps CFG 4, Stage B 10 steps without CFG, Stage A): our pipeline vs
   diffusers' StableCascadeCombinedPipeline on the same weights, batch 1 and 4, with per-stage times and peak
   memory;
-- loading a lite bfloat16 official file onto the GPU vs reading its bytes.
+- loading a lite bfloat16 official file onto the GPU vs reading its bytes;
+- static vs continuous batching of a stream of 16 requests, up to 8 images per forward
+  (``bench/cuda_scheduling.py``).
 
     python bench/bench_cuda.py [--out DIR] [--quick] [--sections a,b,...] [--device cuda]
 
@@ -53,6 +55,8 @@ from models.stage_b import StageB
 from models.stage_c import StageC
 from models.text import TextEncoder, build_byte_tokenizer, random_clip_text_model
 from models.tiny import build_tiny_pipeline
+
+from cuda_scheduling import bench_scheduling
 
 
 class Report:
@@ -479,6 +483,17 @@ def bench_load(rep: Report, device: torch.device, tiny: bool) -> None:
 # ---------------------------------------------------------------------------------------------- main
 
 
+def scheduling_pipeline(size: str, device: torch.device, tiny: bool) -> CascadePipeline:
+    """The released networks of ``size`` (random weights, bfloat16, CUDA graphs on a GPU)."""
+    stage_c, stage_b = build_networks(size, device, tiny)
+    a_cfg = StageAConfig.tiny() if tiny else StageAConfig()
+    with torch.device(device):
+        stage_a = random_(StageA(a_cfg), 3).eval()
+    limits = Limits.for_models(a_cfg, stage_b.config, min_size=64, max_size=2048)
+    return CascadePipeline(stage_c, stage_b, stage_a, clip_text_encoder(device, tiny), device=device,
+                           dtype=torch.bfloat16, limits=limits, cuda_graphs=True)
+
+
 SECTIONS = {
     "tiny": lambda rep, a: check_tiny_pipeline(rep, a.device),
     "parity": lambda rep, a: check_unet_parity(rep, a.device),
@@ -486,6 +501,8 @@ SECTIONS = {
     "pipeline": lambda rep, a: bench_pipeline(rep, a.device, a.sizes, a.tiny, max(2, a.repeats // 4)),
     "service": lambda rep, a: check_service(rep, a.device),
     "load": lambda rep, a: bench_load(rep, a.device, a.tiny),
+    "scheduling": lambda rep, a: bench_scheduling(
+        rep, a.device, a.sizes, a.tiny, lambda size: scheduling_pipeline(size, a.device, a.tiny)),
 }
 
 

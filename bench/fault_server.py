@@ -1,10 +1,10 @@
 """The real server (service.__main__.serve: uvicorn, draining, settings from CASCADE_*) around the real tiny
 pipeline wrapped with prompt-triggered faults, for bench/load_test.py's fault scenario.
 
-A request whose prompt contains one of these markers makes the batch it runs in fail as a GPU would:
-- ``inject:error`` -> the pipeline raises RuntimeError for the whole batch;
-- ``inject:oom``   -> torch.OutOfMemoryError for any batch that contains it (so the worker's split-in-halves
-                      retry must let its batch-mates through, and only the marked request fails);
+A request whose prompt contains one of these markers makes every step it takes part in fail as a GPU would:
+- ``inject:error`` -> the pipeline raises RuntimeError for the whole step;
+- ``inject:oom``   -> torch.OutOfMemoryError for any step that contains it (so the scheduler's split-in-halves
+                      retry must let its group-mates through, and only the marked request fails);
 - ``inject:nan``   -> Stage A returns NaN pixels for that request's images only (the pipeline's own
                       finiteness check must catch them).
 Everything else is the unmodified tiny pipeline. Run: ``python bench/fault_server.py`` (CASCADE_* env).
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from models.request import BatchOutput, GenerationParams
+from models.request import GenerationParams
 from service.settings import Settings
 
 MARKERS = ("inject:error", "inject:oom", "inject:nan")
@@ -53,20 +53,26 @@ class FaultyPipeline:
     def validate(self, params: GenerationParams) -> None:
         self.inner.validate(params)
 
-    def generate(self, batch: Sequence[GenerationParams], on_step: Any = None) -> BatchOutput:
-        prompts = [p.prompt for p in batch]
+    def start(self, batch: Sequence[GenerationParams]) -> list[Any]:
+        return self.inner.start(batch)
+
+    def step(self, states: Sequence[Any], *, previews: bool = False) -> list[Any]:
+        prompts = [s.params.prompt for s in states]
         if any("inject:error" in p for p in prompts):
             raise RuntimeError("injected pipeline failure")
         if any("inject:oom" in p for p in prompts):
             raise torch.OutOfMemoryError("injected: CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.inner.step(states, previews=previews)
+
+    def decode(self, states: Sequence[Any]) -> list[Any]:
         rows, row = [], 0
-        for params in batch:
-            if "inject:nan" in params.prompt:
-                rows += range(row, row + params.num_images)
-            row += params.num_images
+        for state in states:
+            if "inject:nan" in state.params.prompt:
+                rows += range(row, row + state.images)
+            row += state.images
         self._nan_rows = rows
         try:
-            return self.inner.generate(batch, on_step)
+            return self.inner.decode(states)
         finally:
             self._nan_rows = []
 

@@ -482,6 +482,9 @@ def main() -> int:
     )
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "reliability-load.md")
     parser.add_argument(
+        "--batching", default=None, help="CASCADE_BATCHING for the server (default: the server's)"
+    )
+    parser.add_argument(
         "--omp-threads",
         type=int,
         default=None,
@@ -490,6 +493,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.omp_threads is not None:
         EXTRA_ENV["OMP_NUM_THREADS"] = str(args.omp_threads)
+    if args.batching is not None:
+        EXTRA_ENV["CASCADE_BATCHING"] = args.batching
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     header = (
         f"## Load and fault scenarios\n\nMachine: {machine()}\n\nCommand: `python bench/load_test.py "

@@ -36,7 +36,9 @@ class ServerProcess:
         settings: dict[str, str] | None = None,
         module: str = "service",
         ready_timeout_s: float = 180,
+        cpus: set[int] | None = None,
     ) -> None:
+        """``cpus``: pin the server (all its threads) to these CPU cores."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.module = module
@@ -57,6 +59,7 @@ class ServerProcess:
             "w+", prefix="cascade-bench-", suffix=".log", delete=False
         )
         self.proc: subprocess.Popen[bytes] | None = None
+        self.cpus = cpus
 
     def __enter__(self) -> Self:
         self.proc = subprocess.Popen(
@@ -68,6 +71,8 @@ class ServerProcess:
             env=self.env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
+            # before exec, so that every thread the server starts inherits the affinity
+            preexec_fn=(lambda: os.sched_setaffinity(0, self.cpus)) if self.cpus else None,
         )
         until = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < until:

@@ -5,7 +5,8 @@
     # -> cat-0.png, cat-1.png
 
 Sampling parameters left out take the model's own defaults (``pipeline.defaults``). Progress goes to
-stderr as one plain line per stage; the seed used is printed so a result can be reproduced.
+stderr as one plain line per stage; the seed used is printed so a result can be reproduced, here or
+over HTTP (seeds are 0 .. 2^32-1 in both). The demo model warns about a prompt it does not know.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from models.pipeline import MAX_SEED, CascadePipeline
-from models.request import GenerationParams, InvalidParams, NonFiniteOutput
+from models.demo_vocabulary import grammar_for_model
+from models.pipeline import CascadePipeline
+from models.request import MAX_SEED, GenerationParams, InvalidParams, NonFiniteOutput
 
 _DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _SAMPLING = (
@@ -49,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
     p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--seed", type=int, help="default: random (printed)")
+    p.add_argument("--seed", type=int, help=f"0 .. {MAX_SEED}; default: random (printed)")
     for name in _SAMPLING:
         p.add_argument("--" + name.replace("_", "-"), type=int if name.endswith("steps") else float)
     return p
@@ -100,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:  # missing/broken weights (CheckpointError is a ValueError)
         print(f"error: cannot load the model: {err}", file=sys.stderr)
         return 2
-    seed = args.seed if args.seed is not None else secrets.randbelow(MAX_SEED - args.num_images + 2)
+    # Random, but every image's seed (seed + i) stays one the server accepts too.
+    random_seed = secrets.randbelow(max(1, MAX_SEED - args.num_images + 2))
+    seed = args.seed if args.seed is not None else random_seed
     given = {
         name: getattr(args, name)
         for name in ("width", "height", *_SAMPLING)
@@ -120,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
     print(f"seed: {seed}")
+    grammar = grammar_for_model(pipe.model_info)
+    if grammar is not None:
+        for warning in grammar.check(
+            args.prompt, args.negative_prompt, real_weights="real weights (--weights DIR)"
+        ):
+            print(f"warning: {warning}", file=sys.stderr)
     try:
         result = pipe.generate([params], on_step=_progress).results[0]
     except InvalidParams as err:

@@ -3,8 +3,9 @@
 The folder has the layout of real weights (official flat ``stage_a/b/c.safetensors`` files, ``text_encoder/`` and
 ``tokenizer/``) and is loaded through the same loaders, so using it exercises the real loading path. Its
 ``demo.json`` declares the model's identity and its own sampling defaults (128 px; Stage B guidance 1.5, which
-follows the prompt better than the official 1.1 on this model), and the size range it supports. How it was made:
-``training/train_demo.py``; what it can draw and how well: ``docs/demo_model.md``.
+follows the prompt better than the official 1.1 on this model), the size range it supports, and the prompts it
+was trained on (``prompts``, read by ``models/demo_vocabulary.py``, which warns about any other prompt). How it was
+made: ``training/train_demo.py``; what it can draw and how well: ``docs/demo_model.md``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from models.demo_vocabulary import PromptGrammar
 from models.pipeline import CascadePipeline, Limits
 from models.request import SamplingDefaults
 
@@ -33,7 +35,7 @@ def demo_model_dir() -> Path:
 
 def read_demo_config(path: str | Path | None = None) -> dict[str, Any]:
     """``demo.json`` of the demo folder, checked: name (str), description (str), demo (true), defaults (every
-    SamplingDefaults field), limits (min_size, max_size)."""
+    SamplingDefaults field), limits (min_size, max_size), prompts (a grammar, ``models/demo_vocabulary.py``)."""
     folder = Path(path) if path is not None else demo_model_dir()
     file = folder / "demo.json"
     try:
@@ -41,7 +43,8 @@ def read_demo_config(path: str | Path | None = None) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{file}: cannot read the demo config ({e})") from None
     wrong = [f"{key!r} must be a {kind.__name__}" for key, kind in (
-        ("name", str), ("description", str), ("demo", bool), ("defaults", dict), ("limits", dict))
+        ("name", str), ("description", str), ("demo", bool), ("defaults", dict), ("limits", dict),
+        ("prompts", dict))
         if not isinstance(meta.get(key), kind)]
     if wrong:
         raise ValueError(f"{file}: field {wrong[0]}")
@@ -51,6 +54,7 @@ def read_demo_config(path: str | Path | None = None) -> dict[str, Any]:
                          f"got {sorted(meta['defaults'])}")
     if set(meta["limits"]) - {"min_size", "max_size"}:
         raise ValueError(f"{file}: 'limits' may only hold min_size and max_size")
+    PromptGrammar.from_config(meta["prompts"], source=f"{file}: 'prompts'")  # the warnings rely on it
     return meta
 
 

@@ -1,37 +1,29 @@
 """Text -> Stage C -> Stage B -> Stage A for a batch of requests (stable_cascade_spec.md §1, §7-9).
 
-One ``generate`` call runs a batch of ``GenerationParams`` that share ``batch_key()`` (size, step
-counts, shifts) but may differ in prompt, negative prompt, seed, guidance scales, cfg_rho and image
-count. Every image owns a CPU generator seeded with ``seed + i`` and every per-sample operation
-(noise, guidance rescale, the networks themselves) stays within its sample, so an image never
-depends on its batch neighbours.
-
-Conditioning (official semantics, plus negative prompts):
-- Stage C cond: clip_text / clip_text_pooled of the prompt, clip_img zeros [B, 1, c_clip_img].
-  Stage C uncond: the same for the negative prompt ("" when none; the official code only has "").
-- Stage B cond: effnet = the Stage C latent, clip = pooled prompt. Stage B uncond: effnet zeros,
-  clip = pooled "" (the negative prompt is not used there; Stage B's text input has little effect).
-
-Precision: on CUDA the networks run under bfloat16 autocast as the official inference does; on the
-CPU in float32 by default. Latents, guidance and sampler arithmetic stay float32.
+``CascadePipeline`` owns the networks of one model on one device, checks requests against what they
+can process (``Limits``), and exposes the step engine (models/step_engine.py) that generates:
+``start`` / ``step`` / ``decode`` for a scheduler that lets jobs join and leave between steps, and
+``generate`` = "run these requests to completion together" for the CLI, training evaluation and
+tests. Every image owns a CPU generator seeded with ``seed + i`` and every per-sample operation
+stays within its sample, so an image never depends on its batch neighbours.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from models.config import StageAConfig, StageBConfig
 from models.cuda_graphs import GraphCache
+from models.job_state import JobState, StepEvent
 from models.request import (
+    MAX_SEED,
     BatchOutput,
     GenerationParams,
     GenerationResult,
@@ -40,14 +32,11 @@ from models.request import (
     SamplingDefaults,
     StageTimings,
 )
-from models.sampler import cfg_denoiser, draw_noise, sample
-from models.schedule import logsnr_grid
-from models.text import TextEmbeddings, TextEncoder
+from models.step_engine import StepEngine, latent_sizes  # noqa: F401 (re-exported)
+from models.text import TextEncoder
 
 # on_step(stage "prior" | "decoder", step (1-based), total), called after each sampler step.
 StageCallback = Callable[[str, int, int], None]
-MAX_SEED = 2**63 - 1
-STAGE_C_COMPRESSION = 42.67  # pixels per Stage C latent cell (1024 px -> 24), spec §8
 
 
 @dataclass(frozen=True)
@@ -78,7 +67,7 @@ class Limits:
         *,
         min_size: int,
         max_size: int,
-        **other: int | float,
+        **other: float,
     ) -> Limits:
         """Limits whose size step and minimum respect what these Stage A/B configs can process."""
         step = 2**stage_a.levels * stage_b.patch_size
@@ -91,16 +80,10 @@ class Limits:
         return cls(min_size=min_size, max_size=max_size, size_step=step, **other)  # type: ignore[arg-type]
 
 
-def latent_sizes(width: int, height: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """((h, w) of the Stage C latent, (h, w) of the Stage B latent) for an image size (spec §8)."""
-    stage_c = (math.ceil(height / STAGE_C_COMPRESSION), math.ceil(width / STAGE_C_COMPRESSION))
-    return stage_c, (math.ceil(height / 4), math.ceil(width / 4))
-
-
 class CascadePipeline:
-    """The three stages plus the text encoder, on one device.
+    """The three stages plus the text encoder, on one device, and the step engine over them.
 
-    ``generate`` is synchronous and not thread-safe: one thread calls it at a time.
+    Synchronous and not thread-safe: one thread calls it at a time.
     """
 
     def __init__(
@@ -118,9 +101,8 @@ class CascadePipeline:
         cuda_graphs: bool = False,
     ) -> None:
         self.device = torch.device(device)
-        self.dtype = dtype
         # Stage C / Stage B forwards replayed as CUDA graphs (models/cuda_graphs.py); CUDA only.
-        self.graphs: dict[str, GraphCache] | None = (
+        graphs = (
             {"prior": GraphCache(), "decoder": GraphCache()}
             if cuda_graphs and self.device.type == "cuda"
             else None
@@ -129,6 +111,15 @@ class CascadePipeline:
         self.stage_b = stage_b.to(self.device).eval().requires_grad_(False)
         self.stage_a = stage_a.to(self.device).eval().requires_grad_(False)
         self.text_encoder = text_encoder
+        self.engine = StepEngine(
+            self.stage_c,
+            self.stage_b,
+            self.stage_a,
+            text_encoder,
+            device=self.device,
+            dtype=dtype,
+            graphs=graphs,
+        )
         self.defaults = defaults or SamplingDefaults()
         self.limits = limits or Limits.for_models(
             stage_a.config, stage_b.config, min_size=Limits.min_size, max_size=Limits.max_size
@@ -141,6 +132,24 @@ class CascadePipeline:
             "cuda_graphs": self.graphs is not None,
             **(model_info or {}),
         }
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The autocast dtype of the networks (float32: no autocast)."""
+        return self.engine.dtype
+
+    @dtype.setter
+    def dtype(self, value: torch.dtype) -> None:
+        self.engine.dtype = value
+
+    @property
+    def graphs(self) -> dict[str, GraphCache] | None:
+        """The CUDA graph cache of each stage ("prior", "decoder"), or None."""
+        return self.engine.graphs
+
+    @graphs.setter
+    def graphs(self, value: dict[str, GraphCache] | None) -> None:
+        self.engine.graphs = value
 
     @classmethod
     def from_snapshot(
@@ -218,6 +227,20 @@ class CascadePipeline:
 
     # ---- generation ----
 
+    def start(self, batch: Sequence[GenerationParams]) -> list[JobState]:
+        """Validated requests -> fresh job states (text encoded, initial noise drawn)."""
+        return self.engine.start(batch)
+
+    def step(self, states: Sequence[JobState], *, previews: bool = False) -> list[StepEvent]:
+        """One denoising step of a group sharing ``group_key`` (see StepEngine.step)."""
+        return self.engine.step(states, previews=previews)
+
+    def decode(
+        self, states: Sequence[JobState], output_type: Literal["uint8", "float"] = "uint8"
+    ) -> list[GenerationResult | NonFiniteOutput]:
+        """Stage A for finished states (see StepEngine.decode)."""
+        return self.engine.decode(states, output_type)
+
     @torch.inference_mode()
     def generate(
         self,
@@ -226,7 +249,8 @@ class CascadePipeline:
         *,
         output_type: Literal["uint8", "float"] = "uint8",
     ) -> BatchOutput:
-        """Generate every request of ``batch`` (all sharing one ``batch_key()``), in request order.
+        """Generate every request of ``batch`` (all sharing one ``batch_key()``), in request order,
+        all its jobs advancing together.
 
         ``output_type="float"`` returns float32 images in [0, 1] instead of uint8 (same [n, 3, H, W]
         layout). A request whose images contain NaN/inf gets a NonFiniteOutput entry; the others are
@@ -241,191 +265,23 @@ class CascadePipeline:
             raise InvalidParams(
                 "batch", "all requests of a batch must share batch_key() (size, steps, shifts)"
             )
-        timings = StageTimings()
-        # The request index of each image, and each image's seed.
-        owner = [j for j, p in enumerate(batch) for _ in range(p.num_images)]
-        seeds = [p.seed + i for p in batch for i in range(p.num_images)]
+        states = self.engine.start(batch)
+        first = states[0]
 
-        with self._timed(timings, "text"):
-            text = self.text_encoder.encode(
-                [p.prompt for p in batch] + [p.negative_prompt for p in batch]
-            )
-        images = self._sample_images(batch, owner, seeds, text, timings, on_step)
-        results: list[GenerationResult | NonFiniteOutput] = []
-        for j, params in enumerate(batch):
-            mine = images[[k for k, o in enumerate(owner) if o == j]]
-            if not bool(torch.isfinite(mine).all()):
-                results.append(
-                    NonFiniteOutput(
-                        f"the images of seeds {params.seed}..{params.seed + params.num_images - 1} "
-                        "contain NaN or inf"
-                    )
-                )
-                continue
-            mine = mine.clamp(0.0, 1.0)
-            if output_type == "uint8":
-                mine = mine.mul(255).round().to(torch.uint8)
-            results.append(
-                GenerationResult(
-                    images=mine.cpu(),
-                    seeds=[params.seed + i for i in range(params.num_images)],
-                    prompt_truncated=text.truncated[j],
-                    negative_prompt_truncated=text.truncated[len(batch) + j],
-                )
-            )
+        def report(event: StepEvent) -> None:
+            if on_step is not None and event.state is first:
+                on_step(event.stage.value, event.step, event.total)
+
+        self.engine.run(states, report)
+        results = self.engine.decode(states, output_type)
+        # The jobs of one batch took part in the same calls: the first one's times are the batch's.
+        timings = StageTimings(**vars(first.timings))
         return BatchOutput(results=results, timings=timings)
-
-    def _sample_images(
-        self,
-        batch: list[GenerationParams],
-        owner: list[int],
-        seeds: list[int],
-        text: TextEmbeddings,
-        timings: StageTimings,
-        on_step: StageCallback | None,
-    ) -> Tensor:
-        """Stage C -> Stage B -> Stage A for every image: [N, 3, H, W] float32, unclamped."""
-        first, n = batch[0], len(owner)
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        idx = torch.tensor(owner, device=self.device)
-        # Rows 0..len(batch)-1 of `text` are the prompts, the next len(batch) rows the negatives.
-        pos = idx
-        neg = idx + len(batch)
-
-        def per_image(name: str) -> Tensor:
-            """A request's setting repeated for each of its images: [N]."""
-            return torch.tensor([float(getattr(batch[j], name)) for j in owner], device=self.device)
-
-        (hc, wc), (hb, wb) = latent_sizes(first.width, first.height)
-        empty = self.text_encoder.empty
-
-        with self._timed(timings, "prior"):
-            c_img = torch.zeros(n, 1, self.stage_c.config.c_clip_img, device=self.device)
-            cond = {
-                "clip_text": text.clip_text[pos],
-                "clip_text_pooled": text.clip_text_pooled[pos],
-                "clip_img": c_img,
-            }
-            uncond = {
-                "clip_text": text.clip_text[neg],
-                "clip_text_pooled": text.clip_text_pooled[neg],
-                "clip_img": c_img,
-            }
-            latent_c = self.sample_stage(
-                self.stage_c,
-                (self.stage_c.config.c_in, hc, wc),
-                cond,
-                uncond,
-                per_image("prior_guidance_scale"),
-                per_image("cfg_rho"),
-                logsnr_grid(first.prior_steps, first.prior_shift),
-                generators,
-                _tag(on_step, "prior"),
-            )
-        with self._timed(timings, "decoder"):
-            cond = {"effnet": latent_c, "clip": text.clip_text_pooled[pos]}
-            uncond = {
-                "effnet": torch.zeros_like(latent_c),
-                "clip": empty.clip_text_pooled.expand(n, -1, -1),
-            }
-            latent_b = self.sample_stage(
-                self.stage_b,
-                (self.stage_b.config.c_in, hb, wb),
-                cond,
-                uncond,
-                per_image("decoder_guidance_scale"),
-                per_image("cfg_rho"),
-                logsnr_grid(first.decoder_steps, first.decoder_shift),
-                generators,
-                _tag(on_step, "decoder"),
-            )
-        with self._timed(timings, "vqgan"), self._autocast():
-            return self.stage_a.decode(latent_b).float()
-
-    def sample_stage(
-        self,
-        model: nn.Module,
-        shape: tuple[int, int, int],
-        cond: Mapping[str, Tensor],
-        uncond: Mapping[str, Tensor],
-        scale: Tensor,
-        rho: Tensor,
-        logsnrs: Tensor,
-        generators: Sequence[torch.Generator],
-        on_step: Callable[[int, int], None] | None = None,
-        x_init: Tensor | None = None,
-    ) -> Tensor:
-        """Sample one stage for B images with per-image guidance: the x0 latent [B, *shape] float32.
-
-        Without ``x_init`` the start is fresh noise from each image's generator. With it
-        (image-to-image: a latent already noised to logsnrs[0], e.g. with a grid from
-        ``logsnr_grid(steps, shift, t_start)``) no initial noise is drawn.
-        """
-        x = (
-            draw_noise(shape, generators, self.device)
-            if x_init is None
-            else x_init.float().to(self.device)
-        )
-
-        def forward(x: Tensor, r: Tensor, **conditions: Tensor) -> Tensor:
-            with self._autocast():
-                return model(x, r, **conditions).float()
-
-        graphs = self._graph_cache(model)
-        net = forward if graphs is None else graphs.wrap(forward)
-        return sample(cfg_denoiser(net, cond, uncond, scale, rho), x, logsnrs, generators, on_step)
 
     def clear_cuda_graphs(self) -> None:
         """Release every recorded graph and its memory (e.g. after the device ran out of memory)."""
         for cache in (self.graphs or {}).values():
             cache.clear()
-
-    # ---- helpers ----
-
-    def _graph_cache(self, model: nn.Module) -> GraphCache | None:
-        if self.graphs is None:
-            return None
-        if model is self.stage_c:
-            return self.graphs["prior"]
-        if model is self.stage_b:
-            return self.graphs["decoder"]
-        return None
-
-    @contextmanager
-    def _autocast(self) -> Iterator[None]:
-        """Autocast to the pipeline's dtype (bfloat16: official inference); a no-op for float32.
-
-        float32 on CUDA also turns cuDNN's TF32 convolutions off: they round inputs to 10 mantissa
-        bits, and which kernel runs depends on the batch size, so an image would depend on how many
-        others share its batch.
-        """
-        strict = self.device.type == "cuda" and self.dtype == torch.float32
-        with (
-            torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32),
-            torch.backends.cudnn.flags(enabled=True, allow_tf32=False) if strict else nullcontext(),
-        ):
-            yield
-
-    @contextmanager
-    def _timed(self, timings: StageTimings, stage: str) -> Iterator[None]:
-        """Add the wall time of the block (device-synchronised) to ``timings.<stage>``."""
-        self._sync()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._sync()
-            setattr(timings, stage, getattr(timings, stage) + time.perf_counter() - start)
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-
-def _tag(on_step: StageCallback | None, stage: str) -> Callable[[int, int], None] | None:
-    if on_step is None:
-        return None
-    return lambda step, total: on_step(stage, step, total)
 
 
 def _is_int(v: object) -> bool:

@@ -9,6 +9,10 @@ from typing import Any
 
 import torch
 
+# Seeds are 0 .. MAX_SEED (32 bits) everywhere: the HTTP API, the CLI and the pipeline, so that an
+# image made by one can be reproduced by the other. Image i of a request uses seed + i: it must fit too.
+MAX_SEED = 2**32 - 1
+
 
 @dataclass(frozen=True)
 class SamplingDefaults:

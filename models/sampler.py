@@ -14,6 +14,7 @@ whose result is discarded; that is the order diffusers uses for one image.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -39,6 +40,32 @@ def draw_noise(
     return noise.to(device)
 
 
+@dataclass(frozen=True)
+class StepCoefficients:
+    """The scalars of one DDPM step from level i to i + 1 (python floats, computed in float64).
+
+    x0 = (x - b * eps) / a;  x_next = a_next * x0 + c * eps + sigma * z, with
+    sigma = (b_next / b) * sqrt(1 - a^2 / a_next^2) and c = sqrt(b_next^2 - sigma^2).
+    """
+
+    a: float
+    b: float
+    a_next: float
+    c: float
+    sigma: float
+
+
+def step_coefficients(logsnrs: Tensor) -> list[StepCoefficients]:
+    """One StepCoefficients per step of the grid ``logsnrs`` [N + 1] (N entries)."""
+    a_all, b_all = alpha_sigma(logsnrs)
+    out = []
+    for i in range(logsnrs.shape[0] - 1):
+        a, b, a_next, b_next = (float(v) for v in (a_all[i], b_all[i], a_all[i + 1], b_all[i + 1]))
+        sigma = (b_next / b) * max(1.0 - (a / a_next) ** 2, 0.0) ** 0.5
+        out.append(StepCoefficients(a, b, a_next, max(b_next**2 - sigma**2, 0.0) ** 0.5, sigma))
+    return out
+
+
 def sample(
     denoiser: Denoiser,
     x: Tensor,
@@ -52,7 +79,8 @@ def sample(
     noise (x <- a' x0 + sqrt(b'^2 - sigma^2) eps + sigma z, sigma = (b'/b) sqrt(1 - a^2/a'^2)).
     Between iterations x is a sample at logsnrs[i + 1]. Like the official code, the result is the x0
     predicted at the last evaluated level (logsnrs[-2]); the last step's noise is still drawn so
-    each generator advances the same way every run.
+    each generator advances the same way every run. The step engine (models/denoise_step.py) does
+    the same arithmetic with every row at its own step; this loop is its one-grid reference.
 
     Args:
         x: [B, C, H, W] float32 starting latent (pure noise for t_start = 1, or a noised
@@ -66,16 +94,13 @@ def sample(
         raise ValueError(f"need one generator per sample: {len(generators)} for batch {x.shape[0]}")
     num_steps = logsnrs.shape[0] - 1
     r_all = noise_cond(logsnrs[:-1]).to(device=x.device, dtype=torch.float32)
-    a_all, b_all = alpha_sigma(logsnrs)
     x0 = x
-    for i in range(num_steps):
+    for i, k in enumerate(step_coefficients(logsnrs)):
         eps = denoiser(x, r_all[i].expand(x.shape[0])).float()
-        a, b, a_next, b_next = (float(v) for v in (a_all[i], b_all[i], a_all[i + 1], b_all[i + 1]))
-        x0 = (x - b * eps) / a
+        x0 = (x - k.b * eps) / k.a
         z = draw_noise(x.shape[1:], generators, x.device)
         if i < num_steps - 1:
-            sigma = (b_next / b) * max(1.0 - (a / a_next) ** 2, 0.0) ** 0.5
-            x = a_next * x0 + max(b_next**2 - sigma**2, 0.0) ** 0.5 * eps + sigma * z
+            x = k.a_next * x0 + k.c * eps + k.sigma * z
         if on_step is not None:
             on_step(i + 1, num_steps)
     return x0

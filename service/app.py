@@ -8,6 +8,7 @@ Runtime.wait (504 / disconnect) -> PNG encoding (thread pool) -> JSON or image/p
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.access_log import install_access_log
-from service.auth import install_auth
+from service.auth import install_auth, read_authorization
 from service.engine import Pipeline, load_pipeline
 from service.errors import InternalError, InvalidJson, InvalidRequest, ServiceError
 from service.imaging import encode_b64_png, encode_png
@@ -33,11 +34,12 @@ from service.responses import (
     encode_each,
     json_response,
     png_response,
+    prompt_warnings,
     timings_of,
     wants_png,
 )
 from service.runtime import Runtime
-from service.schemas import ErrorResponse, GenerateRequest, GenerateResponse, Health
+from service.schemas import ErrorResponse, GenerateRequest, GenerateResponse, Health, RequestState
 from service.settings import Settings
 
 logger = logging.getLogger("service.app")
@@ -50,6 +52,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     401: {
         "model": ErrorResponse,
         "description": "Missing or wrong API key (only when CASCADE_API_KEYS is configured)",
+    },
+    409: {
+        "model": ErrorResponse,
+        "description": "Cancelled by DELETE /v1/requests/{id} (cancelled), or a client-chosen "
+        "X-Request-ID still in flight (request_id_in_use)",
     },
     413: {
         "model": ErrorResponse,
@@ -72,14 +79,26 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     },
     504: {
         "model": ErrorResponse,
-        "description": "The deadline passed before the batch started (deadline_exceeded)",
+        "description": "The deadline passed before the request's first step (deadline_exceeded)",
     },
 }
 PNG_200: dict[str, Any] = {
     "description": "JSON with base64 PNGs, or (Accept: image/png / response_format=png) the raw "
-    "PNG with X-Seed, X-Prompt-Truncated, X-Demo-Weights and Server-Timing headers",
+    "PNG with X-Seed, X-Prompt-Truncated, X-Demo-Weights and Server-Timing headers. Either way, "
+    "X-Cascade-Warning (only when there is one) repeats the body's warnings on one ASCII line: "
+    "the demo model's notice that a prompt is outside what it was trained on",
     "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+    "headers": {
+        "X-Cascade-Warning": {
+            "description": "The warnings of the request, on one ASCII line; absent when none",
+            "schema": {"type": "string"},
+        }
+    },
 }
+HEALTH_BODY = (
+    "Both health routes return the same body, a snapshot of the server (status, ready, model, "
+    "demo_weights, queue_depth, inflight_jobs, message); only their status codes differ."
+)
 
 
 def create_app(
@@ -118,30 +137,71 @@ def create_app(
         engine = runtime.accepting()
         raw_png = wants_png(body.response_format, request.headers.get("accept", ""))
         params = build_params(body, engine, settings, raw_png)
-        job = runtime.submit(params, body.timeout_s, request.state.request_id)
+        warnings = prompt_warnings(body, engine.model_info)
+        job = runtime.submit(params, body.timeout_s, request.state.request_id, _owner(request))
         done = await runtime.wait(job, request.receive)
         request.state.outcome = "ok"
         if raw_png:
             (png,), seconds = await encode_each(runtime.encode, encode_png, done.result.images)
             metrics.encode_duration.labels("png").observe(seconds)
-            return png_response(
-                done, png, timings_of(done, seconds, received_at), engine.model_info
-            )
+            timings = timings_of(done, seconds, received_at)
+            return png_response(done, png, timings, engine.model_info, warnings)
         b64, seconds = await encode_each(runtime.encode, encode_b64_png, done.result.images)
         metrics.encode_duration.labels("b64_json").observe(seconds)
         timings = timings_of(done, seconds, received_at)
-        return json_response(done, b64, timings, engine.model_info, request.state.request_id)
+        return json_response(
+            done, b64, timings, engine.model_info, request.state.request_id, warnings
+        )
 
-    @app.get("/health/live", response_model=Health, responses={503: {"model": Health}})
-    async def live() -> JSONResponse:
-        """200 while the process serves HTTP; 503 only if loading the model failed."""
-        failed = runtime.state == "failed"
-        body = Health(
-            status="failed" if failed else "alive",
+    @app.get(
+        "/v1/requests/{request_id}",
+        response_model=RequestState,
+        responses={404: {"model": ErrorResponse, "description": "No such request (not_found)"}},
+        summary="The state of a queued, running or recently finished request",
+    )
+    async def request_state(request_id: str, request: Request) -> JSONResponse:
+        """queued (with queue_position), running (stage, step, total), done, failed or
+        cancelled. With API keys on, only the key that submitted the request sees it."""
+        return JSONResponse(runtime.describe(request_id, _owner(request)))
+
+    @app.delete(
+        "/v1/requests/{request_id}",
+        response_model=RequestState,
+        responses={404: {"model": ErrorResponse, "description": "No such request (not_found)"}},
+        summary="Cancel a queued or running request",
+    )
+    async def cancel_request(request_id: str, request: Request) -> JSONResponse:
+        """Cancels the request whose id its response or X-Request-ID header carries: the waiting
+        request is answered 409 ``cancelled`` at once and its images leave the running batch at
+        the next denoising step. ``cancelled`` is false when it had already finished. With API
+        keys on, only the key that submitted it may cancel it (others get 404)."""
+        return JSONResponse(runtime.cancel(request_id, _owner(request)))
+
+    def health() -> Health:
+        """The one snapshot both probes report (consistent: model is set exactly when loaded)."""
+        model = runtime.engine.model_info if runtime.engine is not None else None
+        # "stopped" is the last moment of draining, after the drain has finished
+        state = "draining" if runtime.state == "stopped" else runtime.state
+        return Health(
+            status=state,  # type: ignore[arg-type]
             ready=runtime.state == "ready",
+            model=model,
+            demo_weights=bool(model.get("demo")) if model is not None else None,
+            queue_depth=len(runtime.queue),
+            inflight_jobs=len(runtime.inflight),
             message=runtime.failure,
         )
-        return JSONResponse(body.model_dump(), status_code=503 if failed else 200)
+
+    @app.get(
+        "/health/live",
+        response_model=Health,
+        responses={503: {"model": Health, "description": "Loading the model failed"}},
+        description="200 while the process serves HTTP, whether loading, ready or draining; 503 "
+        "only if loading the model failed (the process then exits). " + HEALTH_BODY,
+    )
+    async def live() -> JSONResponse:
+        body = health()
+        return JSONResponse(body.model_dump(), status_code=503 if body.status == "failed" else 200)
 
     @app.get(
         "/health/ready",
@@ -153,24 +213,15 @@ def create_app(
                 "headers": RETRY_AFTER,
             }
         },
+        description="200 once the model is loaded and warmed up and while the server takes "
+        "requests; 503 (with Retry-After) before that, while draining, or after a failed load. "
+        + HEALTH_BODY,
     )
     async def ready() -> JSONResponse:
-        """200 once the model is loaded and warmed up; 503 before that, while draining, or after
-        failure."""
-        is_ready = runtime.state == "ready"
-        model = runtime.engine.model_info if runtime.engine else None
-        body = Health(
-            status=runtime.state if runtime.state != "stopped" else "draining",  # type: ignore[arg-type]
-            ready=is_ready,
-            model=model,
-            demo_weights=bool(model.get("demo")) if model else None,
-            queue_depth=len(runtime.queue),
-            inflight_jobs=len(runtime.inflight),
-            message=runtime.failure,
-        )
-        headers = {} if is_ready else {"Retry-After": str(settings.retry_after_s)}
+        body = health()
+        headers = {} if body.ready else {"Retry-After": str(settings.retry_after_s)}
         return JSONResponse(
-            body.model_dump(), status_code=200 if is_ready else 503, headers=headers
+            body.model_dump(), status_code=200 if body.ready else 503, headers=headers
         )
 
     @app.get(
@@ -190,7 +241,7 @@ def create_app(
     endpoints = frozenset(r.path for r in app.routes if hasattr(r, "path"))
     # Last added is outermost: access log -> RequestMiddleware (413, metrics) -> API keys -> routes,
     # so refusals carry the request id, are counted and are logged.
-    install_auth(app)
+    app.state.auth_enabled = install_auth(app).enabled
     app.add_middleware(
         RequestMiddleware,
         metrics=metrics,
@@ -253,6 +304,15 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics, settings: Settings) -> N
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+def _owner(request: Request) -> str | None:
+    """Who submitted a request, as a digest of its API key (None while keys are off): the only
+    one who may see or cancel it."""
+    if not getattr(request.app.state, "auth_enabled", False):
+        return None
+    token = read_authorization(request.headers.raw).token or ""
+    return hashlib.sha256(token.encode()).hexdigest()[:32]
 
 
 def _from_validation(exc: RequestValidationError) -> ServiceError:

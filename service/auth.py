@@ -8,7 +8,8 @@ Off unless keys are configured. Configuration (read once, when ``install_auth`` 
 
 With keys, every request except the open paths (health probes, the API docs and, unless
 ``CASCADE_METRICS_REQUIRE_KEY``, ``/metrics``) needs ``Authorization: Bearer <key>``; anything else gets a
-401 in the service's error envelope with ``WWW-Authenticate: Bearer``. Default-deny: a route added later
+401 in the service's error envelope with ``WWW-Authenticate: Bearer``, whose message says what is wrong:
+no header, a malformed one (empty, no scheme, another scheme, no key) or a key that is not configured. Default-deny: a route added later
 is protected without anyone remembering to list it.
 
 Keys are held only as SHA-256 digests and a presented key is compared with ``hmac.compare_digest`` against
@@ -139,21 +140,56 @@ def read_keys_file(path: Path) -> list[str]:
     return keys
 
 
-def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
-    """The token of the first ``Authorization: Bearer <token>`` header (scheme case-insensitive), or None."""
+# Schemes a client may send by mistake; only these names are ever repeated back (anything else in
+# the header could be the key itself).
+_KNOWN_SCHEMES = {
+    s.lower(): s
+    for s in ("Basic", "Digest", "Negotiate", "NTLM", "Token", "ApiKey", "Api-Key", "OAuth")
+}
+_SEND = "send 'Authorization: Bearer <key>'"
+
+
+@dataclass(frozen=True)
+class Presented:
+    """What a request's Authorization header holds: the bearer ``token``, or ``problem`` (what is
+    wrong with the header; it never repeats the header's value, only a known scheme's name)."""
+
+    token: str | None = None
+    problem: str | None = None
+
+
+def read_authorization(headers: Iterable[tuple[bytes, bytes]]) -> Presented:
+    """The first ``Authorization`` header, read as ``Bearer <token>`` (scheme case-insensitive)."""
     for name, value in headers:
         if name.lower() != b"authorization":
             continue
-        try:
-            text = value.decode("latin-1").strip()
-        except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes any bytes
-            return None
-        scheme, _, token = text.partition(" ")
-        if scheme.lower() != "bearer":
-            return None
+        text = value.decode("latin-1").strip()  # latin-1 decodes any bytes
+        if not text:
+            return Presented(problem=f"the Authorization header is empty; {_SEND}")
+        scheme, _, token = text.replace("\t", " ").partition(" ")
         token = token.strip()
-        return token or None
-    return None
+        if scheme.lower() != "bearer":
+            named = _KNOWN_SCHEMES.get(scheme.lower())
+            if named is not None:
+                which = f"the {named} scheme"
+            elif not token:  # one word: most likely the key itself, sent without "Bearer "
+                which = "a value without the Bearer scheme (put 'Bearer ' before the key)"
+            else:
+                which = "a scheme other than Bearer"
+            return Presented(
+                problem=f"the Authorization header must be 'Bearer <key>'; got {which}"
+            )
+        if not token:
+            return Presented(
+                problem=f"the Authorization header has the Bearer scheme but no key; {_SEND}"
+            )
+        if any(c.isspace() for c in token):
+            return Presented(
+                problem="the Authorization header must be 'Bearer <key>' with one key; got "
+                "several words after Bearer"
+            )
+        return Presented(token=token)
+    return Presented(problem=f"missing API key: {_SEND}")
 
 
 class ApiKeyMiddleware:
@@ -174,8 +210,8 @@ class ApiKeyMiddleware:
         if scope["type"] != "http" or not self.config.requires_key(scope.get("path", "")):
             await self.app(scope, receive, send)
             return
-        token = bearer_token(scope.get("headers", ()))
-        if token is not None and self.config.is_valid(token):
+        presented = read_authorization(scope.get("headers", ()))
+        if presented.token is not None and self.config.is_valid(presented.token):
             await self.app(scope, receive, send)
             return
         if self.on_reject is not None:
@@ -183,12 +219,7 @@ class ApiKeyMiddleware:
                 self.on_reject()
             except Exception:  # a metrics hiccup must not turn a 401 into a 500
                 logger.exception("on_reject callback failed")
-        message = (
-            "missing API key: send 'Authorization: Bearer <key>'"
-            if token is None
-            else "invalid API key"
-        )
-        await _send_401(scope, send, message)
+        await _send_401(scope, send, presented.problem or "invalid API key")
 
 
 async def _send_401(scope: Scope, send: Send, message: str) -> None:

@@ -1,9 +1,10 @@
 """Engine: owns the loaded pipeline and the one thread that runs it.
 
-``CascadePipeline.generate`` is not thread-safe and blocks for seconds, so every call goes through a
-single dedicated compute thread; the event loop only awaits its futures and stays free for health
-checks, metrics and new requests. This module and imaging.py are the only service modules that
-import torch.
+The pipeline is not thread-safe and its calls block (a step takes milliseconds to seconds), so every
+call goes through a single dedicated compute thread; the event loop only awaits its futures and
+stays free for health checks, metrics, new requests and cancellations. The scheduler calls
+``start`` (text), ``step`` (one batched denoising step) and ``decode`` (Stage A) on job states it
+treats as opaque. This module and imaging.py are the only service modules that import torch.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
-from models.request import BatchOutput, GenerationParams, SamplingDefaults
+from models.job_state import Stage
+from models.request import GenerationParams, GenerationResult, NonFiniteOutput, SamplingDefaults
 from service.errors import OutOfMemory
 from service.settings import Settings
 
@@ -37,7 +39,15 @@ class Pipeline(Protocol):
 
     def validate(self, params: GenerationParams) -> None: ...
 
-    def generate(self, batch: Sequence[GenerationParams], on_step: Any = None) -> BatchOutput: ...
+    def start(self, batch: Sequence[GenerationParams]) -> list[Any]: ...
+
+    def step(self, states: Sequence[Any], *, previews: bool = False) -> list[Any]: ...
+
+    def decode(self, states: Sequence[Any]) -> list[GenerationResult | NonFiniteOutput]: ...
+
+
+def _images(states: Sequence[Any]) -> int:
+    return sum(int(getattr(s, "images", 1)) for s in states)
 
 
 class ComputeThread:
@@ -153,33 +163,52 @@ class Engine:
         """Raises models.request.InvalidParams(field, message)."""
         self.pipeline.validate(params)
 
-    async def generate(self, batch: Sequence[GenerationParams]) -> BatchOutput:
-        """Run one batch on the compute thread. Raises errors.OutOfMemory (after freeing cached
-        memory) when the device ran out of memory; any other exception from the pipeline passes
-        through."""
-        return await self._thread.run(lambda: self._generate(list(batch)))
+    async def start(self, batch: Sequence[GenerationParams]) -> list[Any]:
+        """Job states for validated requests (their text encoded in one call)."""
+        batch = list(batch)
+        return await self._run(lambda: self.pipeline.start(batch), sum(p.num_images for p in batch))
 
-    def _generate(self, batch: list[GenerationParams]) -> BatchOutput:
-        try:
-            with torch.inference_mode():
-                return self.pipeline.generate(batch)
-        except torch.OutOfMemoryError as exc:
-            if self.device.type == "cuda":
-                clear = getattr(self.pipeline, "clear_cuda_graphs", None)
-                if clear is not None:
-                    clear()  # recorded graphs hold activation memory: give it back first
-                torch.cuda.empty_cache()
-            images = sum(p.num_images for p in batch)
-            raise OutOfMemory(
-                f"out of device memory for a batch of {images} image(s): {exc}"
-            ) from None
+    async def step(self, states: Sequence[Any]) -> list[Any]:
+        """One denoising step of a group sharing one group key: the engine's StepEvents."""
+        states = list(states)
+        return await self._run(lambda: self.pipeline.step(states), _images(states))
+
+    async def decode(self, states: Sequence[Any]) -> list[GenerationResult | NonFiniteOutput]:
+        """Stage A for finished states: one result (or NonFiniteOutput) per state."""
+        states = list(states)
+        return await self._run(lambda: self.pipeline.decode(states), _images(states))
+
+    async def _run(self, fn: Callable[[], T], images: int) -> T:
+        """``fn`` on the compute thread, in inference mode. Raises errors.OutOfMemory (after
+        freeing cached memory) when the device ran out of memory; any other exception from the
+        pipeline passes through."""
+
+        def call() -> T:
+            try:
+                with torch.inference_mode():
+                    return fn()
+            except torch.OutOfMemoryError as exc:
+                if self.device.type == "cuda":
+                    clear = getattr(self.pipeline, "clear_cuda_graphs", None)
+                    if clear is not None:
+                        clear()  # recorded graphs hold activation memory: give it back first
+                    torch.cuda.empty_cache()
+                raise OutOfMemory(
+                    f"out of device memory for a step of {images} image(s): {exc}"
+                ) from None
+
+        return await self._thread.run(call)
 
     async def warm_up(self) -> None:
-        """One generation at the default size, so the first real request pays no one-time costs."""
+        """One generation at the default size through the scheduler's calls, so the first real
+        request pays no one-time costs."""
         params = GenerationParams.from_defaults(self.defaults, "warm-up")
-        output = await self.generate([params])
-        if not output.results or isinstance(output.results[0], Exception):
-            logger.warning("warm-up generation gave no image: %r", output.results)
+        states = await self.start([params])
+        while states[0].stage in (Stage.PRIOR, Stage.DECODER):
+            await self.step(states)
+        results = await self.decode(states)
+        if not results or isinstance(results[0], Exception):
+            logger.warning("warm-up generation gave no image: %r", results)
 
     def memory_stats(self) -> tuple[int, int] | None:
         """(allocated, reserved) bytes on the CUDA device; None on CPU."""

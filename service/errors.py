@@ -82,3 +82,19 @@ class OutOfMemory(ServiceError):
 
 class InternalError(ServiceError):
     status, code = 500, "internal_error"
+
+
+class Cancelled(ServiceError):
+    """The job was cancelled (DELETE /v1/requests/{id}) before it finished."""
+
+    status, code = 409, "cancelled"
+
+
+class RequestIdInUse(ServiceError):
+    """A client-chosen X-Request-ID names a request that is still queued or running."""
+
+    status, code, reason = 409, "request_id_in_use", "invalid"
+
+
+class NotFound(ServiceError):
+    status, code = 404, "not_found"

@@ -1,6 +1,9 @@
-"""A Job (one admitted request) and the bounded FIFO JobQueue the batching worker reads from.
+"""A Job (one admitted request) and the bounded FIFO JobQueue the scheduler reads from.
 
 Everything here runs on the event-loop thread, so no locks: state changes happen between awaits.
+A job's answer is its future: resolved once, by the scheduler (result or error), by its request
+(deadline, disconnect) or by a cancel (DELETE /v1/requests/{id}); whoever comes first wins, and the
+scheduler drops a job whose future is resolved at the next step boundary.
 """
 
 from __future__ import annotations
@@ -10,8 +13,9 @@ import contextlib
 import enum
 import time
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from models.request import GenerationParams, GenerationResult, StageTimings
 from service.errors import QueueFull, ServiceError
@@ -19,30 +23,40 @@ from service.errors import QueueFull, ServiceError
 
 class JobState(enum.Enum):
     QUEUED = "queued"  # in the JobQueue
-    TAKEN = "taken"  # in a batch being formed; can still be cancelled
-    RUNNING = "running"  # handed to the pipeline; runs to the end
+    TAKEN = "taken"  # taken from the queue, being admitted (static mode: the batch is forming)
+    ACTIVE = "active"  # has engine state; stepped by the scheduler (``stage``, ``step``)
     DONE = "done"  # future resolved with a result or an error
 
 
 @dataclass
 class JobResult:
-    """What the worker hands back to the waiting request."""
+    """What the scheduler hands back to the waiting request."""
 
     result: GenerationResult
-    timings: StageTimings  # of the whole batch
-    batch_images: int
-    queue_wait: float  # seconds from enqueue to batch start
+    timings: StageTimings  # of this job: the calls it took part in
+    batch_images: int  # most images in one forward this job took part in
+    queue_wait: float  # seconds from enqueue to admission
+    first_step: float  # seconds from enqueue to the end of the first step
 
 
 @dataclass(eq=False)
 class Job:
     params: GenerationParams
     future: asyncio.Future[JobResult]
-    deadline: float  # time.monotonic() by which the batch must start
+    deadline: float  # time.monotonic() by which the job's first step must have run
     request_id: str = ""
+    owner: str | None = None  # digest of the API key that submitted it (None: keys are off)
     enqueued_at: float = field(default_factory=time.monotonic)
-    started_at: float | None = None
+    admitted_at: float | None = None
+    first_step_at: float | None = None
     state: JobState = JobState.QUEUED
+    stage: str = "queued"  # then "prior", "decoder", "vqgan", "done"
+    step: int = 0  # steps done in ``stage``
+    total: int = 0  # steps of ``stage``
+    order: int = 0  # admission sequence number (scheduling_policy: smaller = older)
+    work: Any = None  # the engine's JobState once admitted (opaque here: no torch)
+    batch_images: int = 0
+    outcome: str | None = None  # once done: "done", "failed" or "cancelled"
 
     @property
     def images(self) -> int:
@@ -52,30 +66,48 @@ class Job:
     def key(self) -> Hashable:
         return self.params.batch_key()
 
-    def start(self, now: float) -> bool:
-        """Mark RUNNING; False if the job was cancelled (or already answered) and must not be
-        computed."""
-        if self.state is not JobState.TAKEN or self.future.done():
-            return False
-        self.state, self.started_at = JobState.RUNNING, now
-        return True
+    @property
+    def started(self) -> bool:
+        """True once the job's first denoising step has run (the deadline no longer applies)."""
+        return self.first_step_at is not None
+
+    @property
+    def done(self) -> bool:
+        return self.future.done()
 
     def cancel(self, error: ServiceError) -> bool:
-        """Answer ``error`` if the job has not started computing; True if it was cancelled."""
-        if self.state in (JobState.RUNNING, JobState.DONE):
+        """Answer ``error`` now, queued or running; the scheduler frees its rows at the next step
+        boundary. False if the job was already answered."""
+        if self.done:
             return False
-        self.fail(error)
+        self.fail(error, outcome="cancelled")
         return True
 
+    def expire(self, error: ServiceError) -> bool:
+        """Answer ``error`` if the job has not had its first step; True if it was expired."""
+        return not self.started and self.cancel(error)
+
     def finish(self, result: JobResult) -> None:
-        self.state = JobState.DONE
+        self.state, self.stage = JobState.DONE, "done"
         if not self.future.done():
+            self.outcome = "done"
             self.future.set_result(result)
 
-    def fail(self, error: BaseException) -> None:
+    def fail(self, error: BaseException, outcome: str = "failed") -> None:
         self.state = JobState.DONE
         if not self.future.done():
+            self.outcome = outcome
             self.future.set_exception(error)
+
+    def describe(self, position: int | None = None) -> dict[str, Any]:
+        """The job's state for clients (DELETE / GET /v1/requests/{id}): status, stage, step."""
+        status = self.outcome or ("queued" if self.state is JobState.QUEUED else "running")
+        info: dict[str, Any] = {"id": self.request_id, "status": status, "stage": self.stage}
+        if self.stage in ("prior", "decoder"):
+            info.update(step=self.step, total=self.total)
+        if position is not None:
+            info["queue_position"] = position
+        return info
 
 
 class JobQueue:
@@ -89,20 +121,35 @@ class JobQueue:
     def __len__(self) -> int:
         return len(self._jobs)
 
+    def __iter__(self) -> Iterator[Job]:
+        """The queued jobs, oldest first (a snapshot: the queue may be changed while iterating)."""
+        return iter(list(self._jobs))
+
     def put(self, job: Job) -> None:
         if len(self._jobs) >= self.capacity:
             raise QueueFull(
-                f"the queue is full ({self.capacity} jobs waiting); "
+                f"the queue is full ({self.capacity} jobs waiting, CASCADE_MAX_QUEUE_SIZE); "
                 "retry after the Retry-After delay"
             )
         job.state = JobState.QUEUED
         self._jobs.append(job)
         self._put_event.set()
 
+    def position(self, job: Job) -> int | None:
+        """0 for the oldest queued job; None when ``job`` is not queued."""
+        with contextlib.suppress(ValueError):
+            return self._jobs.index(job)
+        return None
+
     def discard(self, job: Job) -> None:
         """Remove a queued job (cancelled by its client); no-op if it was already taken."""
         with contextlib.suppress(ValueError):
             self._jobs.remove(job)
+
+    def take(self, job: Job) -> None:
+        """Take a queued job out of the queue for admission."""
+        self._jobs.remove(job)
+        job.state = JobState.TAKEN
 
     async def take_oldest(self) -> Job:
         """Wait for a job and take the oldest one."""
@@ -124,8 +171,8 @@ class JobQueue:
                 room -= job.images
         return taken
 
-    async def wait_for_put(self, timeout: float) -> bool:
-        """Wait until the next ``put`` (True) or ``timeout`` seconds (False)."""
+    async def wait_for_put(self, timeout: float | None = None) -> bool:
+        """Wait until the next ``put`` (True) or ``timeout`` seconds (False; None: no limit)."""
         self._put_event.clear()
         try:
             await asyncio.wait_for(self._put_event.wait(), timeout)

@@ -19,6 +19,8 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 ENCODE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2)
 STAGES = ("text", "prior", "decoder", "vqgan")
+ACTIVE_STAGES = ("prior", "decoder", "vqgan")
+CANCEL_CAUSES = ("disconnect", "request", "deadline")
 
 
 class Metrics:
@@ -37,13 +39,13 @@ class Metrics:
         )
         self.queue_wait = Histogram(
             "cascade_queue_wait_seconds",
-            "Time each job spent queued: enqueue to batch start (or to expiry or abandonment)",
+            "Time each job spent queued: enqueue to admission (or to expiry or abandonment)",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.stage_duration = Histogram(
             "cascade_stage_duration_seconds",
-            "Compute time of one stage for one batch",
+            "Compute time of one stage for one job (the calls it took part in)",
             ["stage"],
             buckets=LATENCY_BUCKETS,
             registry=r,
@@ -55,14 +57,46 @@ class Metrics:
             buckets=ENCODE_BUCKETS,
             registry=r,
         )
+        image_buckets = tuple(range(1, max_batch_images + 1))
         self.batch_size = Histogram(
             "cascade_batch_size_images",
-            "Images per batch run by the pipeline",
-            buckets=tuple(range(1, max_batch_images + 1)),
+            "Images admitted together (one text-encoder call; in static mode, one batch)",
+            buckets=image_buckets,
             registry=r,
         )
         self.batches = Counter(
-            "cascade_batches", "Batches run, by outcome (ok, error, oom)", ["outcome"], registry=r
+            "cascade_batches",
+            "Compute calls (text, denoising step, Stage A decode) by outcome (ok, error, oom)",
+            ["outcome"],
+            registry=r,
+        )
+        self.active_images = Gauge(
+            "cascade_active_images",
+            "Images admitted and not yet answered, by the stage they are in",
+            ["stage"],
+            registry=r,
+        )
+        self.step_batch_images = Histogram(
+            "cascade_step_batch_images",
+            "Images in one denoising forward (a CFG pair counts as one image)",
+            ["stage"],
+            buckets=image_buckets,
+            registry=r,
+        )
+        self.steps = Counter(
+            "cascade_steps", "Batched denoising steps (forwards) run", ["stage"], registry=r
+        )
+        self.time_to_first_step = Histogram(
+            "cascade_time_to_first_step_seconds",
+            "Time from arrival to the end of a job's first denoising step",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.cancelled = Counter(
+            "cascade_cancelled",
+            "Jobs cancelled before they finished, by cause (disconnect, request, deadline)",
+            ["cause"],
+            registry=r,
         )
         self.images = Counter("cascade_images_generated", "Images generated", registry=r)
         self.rejected = Counter(
@@ -92,6 +126,12 @@ class Metrics:
             self.stage_duration.labels(stage)
         for fmt in ("png", "b64_json"):
             self.encode_duration.labels(fmt)
+        for stage in ("prior", "decoder"):
+            self.step_batch_images.labels(stage)
+            self.steps.labels(stage)
+        self.set_active_images({})
+        for cause in CANCEL_CAUSES:
+            self.cancelled.labels(cause)
 
     def track_queue(self, depth: Callable[[], float], inflight: Callable[[], float]) -> None:
         """Gauges read live at scrape time."""
@@ -111,9 +151,13 @@ class Metrics:
         self.requests.labels(endpoint, str(status)).inc()
         self.request_duration.labels(endpoint, outcome).observe(seconds)
 
-    def observe_batch(self, images: int, outcome: str) -> None:
-        self.batch_size.observe(images)
-        self.batches.labels(outcome).inc()
+    def observe_step(self, stage: str, images: int) -> None:
+        self.steps.labels(stage).inc()
+        self.step_batch_images.labels(stage).observe(images)
+
+    def set_active_images(self, images: dict[str, int]) -> None:
+        for stage in ACTIVE_STAGES:
+            self.active_images.labels(stage).set(images.get(stage, 0))
 
     def observe_stages(self, timings: dict[str, float]) -> None:
         for stage in STAGES:

@@ -1,5 +1,6 @@
 """Between HTTP and the pipeline: a GenerateRequest becomes validated GenerationParams (or a 422
-naming the field and limit), and a finished job becomes a JSON or raw PNG response."""
+naming the field and limit) plus the warnings the model has about it, and a finished job becomes a
+JSON or raw PNG response."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from typing import TYPE_CHECKING, TypeVar
 
 from fastapi.responses import JSONResponse, Response
 
-from models.request import GenerationParams, InvalidParams
+from models.demo_vocabulary import grammar_for_model
+from models.request import MAX_SEED, GenerationParams, InvalidParams
 from service.engine import Engine
 from service.errors import InvalidRequest
 from service.jobs import JobResult
-from service.schemas import MAX_SEED, GenerateRequest, GenerateResponse, ImageData, Timings
+from service.schemas import GenerateRequest, GenerateResponse, ImageData, Timings
 from service.settings import Settings
 
 # Request fields that fall back to the model's sampling defaults when left out (shifts and cfg_rho
@@ -55,7 +57,8 @@ def build_params(
     if body.num_images > settings.max_batch_images:
         raise InvalidRequest(
             f"num_images={body.num_images} is over the limit of {settings.max_batch_images} "
-            "per request",
+            "images per request (the server's CASCADE_MAX_BATCH_IMAGES setting, which also caps "
+            "a batch: the operator may raise it if the GPU memory allows)",
             field="num_images",
         )
     if raw_png and body.num_images > 1:
@@ -77,7 +80,8 @@ def build_params(
         text = getattr(body, name)
         if len(text) > settings.max_prompt_chars:
             raise InvalidRequest(
-                f"{name} is {len(text)} characters; the limit is {settings.max_prompt_chars}",
+                f"{name} is {len(text)} characters; the limit is {settings.max_prompt_chars} "
+                "(the server's CASCADE_MAX_PROMPT_CHARS setting)",
                 field=name,
             )
     given = {
@@ -98,6 +102,26 @@ def build_params(
     return params
 
 
+def prompt_warnings(body: GenerateRequest, model_info: dict[str, str | bool]) -> list[str]:
+    """What the loaded model cannot honour in this request, for a person: today the demo model's
+    warnings about a prompt or negative prompt outside what it was trained on. Real weights: []."""
+    grammar = grammar_for_model(model_info)
+    if grammar is None:
+        return []
+    return grammar.check(
+        body.prompt, body.negative_prompt, real_weights="real weights (CASCADE_WEIGHTS_DIR)"
+    )
+
+
+def warning_header(warnings: list[str]) -> dict[str, str]:
+    """``X-Cascade-Warning`` carrying every warning on one ASCII line (none: no header). Warnings
+    quote a prompt's words, so anything outside printable ASCII is escaped (\\xe9, \\u2019)."""
+    if not warnings:
+        return {}
+    text = " ".join(warnings).encode("ascii", "backslashreplace").decode("ascii")
+    return {"X-Cascade-Warning": "".join(c if " " <= c <= "~" else " " for c in text)}
+
+
 async def encode_each(
     run: Callable[[Callable[[torch.Tensor], T], torch.Tensor], Awaitable[T]],
     encode: Callable[[torch.Tensor], T],
@@ -114,6 +138,7 @@ def timings_of(done: JobResult, encode: float, received_at: float) -> Timings:
     t = done.timings
     return Timings(
         queue_wait=done.queue_wait,
+        first_step=done.first_step,
         text=t.text,
         prior=t.prior,
         decoder=t.decoder,
@@ -129,6 +154,7 @@ def json_response(
     timings: Timings,
     model: dict[str, str | bool],
     request_id: str,
+    warnings: list[str],
 ) -> JSONResponse:
     images = done.result.images  # uint8 [n, 3, H, W]
     body = GenerateResponse(
@@ -145,17 +171,31 @@ def json_response(
         batch_images=done.batch_images,
         prompt_truncated=done.result.prompt_truncated,
         negative_prompt_truncated=done.result.negative_prompt_truncated,
+        warnings=warnings,
         timings=timings,
     )
-    return JSONResponse(body.model_dump())
+    return JSONResponse(body.model_dump(), headers=warning_header(warnings))
 
 
 def png_response(
-    done: JobResult, png: bytes, timings: Timings, model: dict[str, str | bool]
+    done: JobResult,
+    png: bytes,
+    timings: Timings,
+    model: dict[str, str | bool],
+    warnings: list[str],
 ) -> Response:
     server_timing = ", ".join(
         f"{name};dur={getattr(timings, name) * 1000:.1f}"
-        for name in ("queue_wait", "text", "prior", "decoder", "vqgan", "encode", "total")
+        for name in (
+            "queue_wait",
+            "first_step",
+            "text",
+            "prior",
+            "decoder",
+            "vqgan",
+            "encode",
+            "total",
+        )
     )
     headers = {
         "X-Seed": str(done.result.seeds[0]),
@@ -165,5 +205,6 @@ def png_response(
         "X-Model": str(model.get("name", "")),
         "X-Demo-Weights": str(bool(model.get("demo", False))).lower(),
         "Server-Timing": server_timing,
+        **warning_header(warnings),
     }
     return Response(content=png, media_type="image/png", headers=headers)

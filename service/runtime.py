@@ -18,11 +18,20 @@ from typing import Any, TypeVar
 
 from models.request import GenerationParams
 from service.engine import ComputeThread, Engine, Pipeline, set_torch_threads
-from service.errors import ClientDisconnected, DeadlineExceeded, Draining, NotReady
+from service.errors import (
+    Cancelled,
+    ClientDisconnected,
+    DeadlineExceeded,
+    Draining,
+    NotFound,
+    NotReady,
+    RequestIdInUse,
+)
+from service.job_registry import Finished, JobRegistry
 from service.jobs import Job, JobQueue, JobResult
 from service.metrics import Metrics
+from service.scheduler import Scheduler
 from service.settings import Settings
-from service.worker import BatchWorker
 
 logger = logging.getLogger("service.runtime")
 T = TypeVar("T")
@@ -39,6 +48,7 @@ class Runtime:
         self.engine: Engine | None = None
         self.queue = JobQueue(settings.max_queue_size)
         self.inflight: set[Job] = set()
+        self.registry = JobRegistry()  # by request id: in flight, and the last ones answered
         self.on_fatal: Callable[[], None] | None = None  # set by __main__: stop the process
         self._factory = pipeline_factory
         self._thread: ComputeThread | None = None
@@ -82,14 +92,16 @@ class Runtime:
             return
         self.engine = engine
         self.metrics.set_model(info)
-        worker = BatchWorker(
+        scheduler = Scheduler(
             self.queue,
             engine,
             self.metrics,
-            self.settings.max_batch_images,
-            self.settings.max_batch_wait_ms / 1000,
+            mode=self.settings.batching,
+            max_batch_images=self.settings.max_batch_images,
+            max_active_images=self.settings.max_active_images,
+            max_batch_wait_s=self.settings.max_batch_wait_ms / 1000,
         )
-        self._tasks.append(asyncio.create_task(worker.run(), name="cascade-worker"))
+        self._tasks.append(asyncio.create_task(scheduler.run(), name="cascade-scheduler"))
         if self.state == "starting":
             self._set_state("ready")
         logger.info("ready after %.1fs", time.monotonic() - started)
@@ -103,22 +115,42 @@ class Runtime:
     def accepting(self) -> Engine:
         """The engine, if new requests are admitted now; else Draining or NotReady (503)."""
         if self.state in ("draining", "stopped"):
-            raise Draining("the server is shutting down; send the request to another replica")
+            raise Draining(
+                "the server is shutting down and takes no new requests; retry after the "
+                "Retry-After delay (behind a load balancer another replica takes it; a single "
+                "server answers again once restarted)"
+            )
         if self.state != "ready" or self.engine is None:
             raise NotReady(
                 self.failure or "the model is still loading; retry after the Retry-After delay"
             )
         return self.engine
 
-    def submit(self, params: GenerationParams, timeout_s: float | None, request_id: str) -> Job:
-        """Queue a validated request; raises Draining/NotReady (503) or QueueFull (503)."""
+    def submit(
+        self,
+        params: GenerationParams,
+        timeout_s: float | None,
+        request_id: str,
+        owner: str | None = None,
+    ) -> Job:
+        """Queue a validated request; raises Draining/NotReady (503), QueueFull (503) or
+        RequestIdInUse (409, a client-chosen id of a request still in flight)."""
         self.accepting()
+        if self.registry.in_flight(request_id) is not None:
+            raise RequestIdInUse(
+                f"a request with X-Request-ID {request_id!r} is still queued or running; "
+                "send a unique id (or none: the server assigns one)"
+            )
         budget = min(self.settings.request_timeout_s, timeout_s or math.inf)
         now = time.monotonic()
         future = asyncio.get_running_loop().create_future()
-        job = Job(params, future, deadline=now + budget, request_id=request_id, enqueued_at=now)
+        job = Job(
+            params, future, deadline=now + budget, request_id=request_id, owner=owner,
+            enqueued_at=now,
+        )  # fmt: skip
         self.queue.put(job)
         self.inflight.add(job)
+        self.registry.add(job)
         self._idle.clear()
         job.future.add_done_callback(lambda future: self._forget(job, future))
         return job
@@ -126,45 +158,70 @@ class Runtime:
     def _forget(self, job: Job, future: asyncio.Future[JobResult]) -> None:
         if not future.cancelled():
             future.exception()  # mark retrieved: a client that left never reads its job's error
+        self.queue.discard(job)
         self.inflight.discard(job)
+        self.registry.finished(job)
         if not self.inflight:
             self._idle.set()
 
+    def describe(self, request_id: str, owner: str | None) -> dict[str, Any]:
+        """The state of a job this owner submitted (in flight or recently answered); NotFound."""
+        job = self._owned(request_id, owner)
+        return job.describe(self.queue.position(job) if isinstance(job, Job) else None)
+
+    def cancel(self, request_id: str, owner: str | None) -> dict[str, Any]:
+        """Cancel a queued or running job (its request gets 409 ``cancelled``; the scheduler frees
+        its rows at the next step). A job already answered is left as it is. Returns its state
+        with ``cancelled``: whether this call cancelled it."""
+        job = self._owned(request_id, owner)
+        position = self.queue.position(job) if isinstance(job, Job) else None
+        cancelled = job.cancel(Cancelled(f"request {request_id} was cancelled by DELETE"))
+        if cancelled:
+            self.metrics.cancelled.labels("request").inc()
+        info = job.describe(position if not cancelled else None)
+        return {**info, "cancelled": cancelled}
+
+    def _owned(self, request_id: str, owner: str | None) -> Job | Finished:
+        job = self.registry.get(request_id)
+        # With API keys on, another key's job is reported as unknown: ids are not secrets.
+        if job is None or job.owner != owner:
+            raise NotFound(
+                f"no request with id {request_id!r} is queued, running or recently finished"
+            )
+        return job
+
     async def wait(self, job: Job, receive: Receive) -> JobResult:
-        """The job's result. Before its batch starts, the job is dropped (never computed) when
-        its client disconnects (504 when its deadline passes). Once running it is waited for to
-        the end."""
+        """The job's result. Until its first step the deadline applies (504, never computed);
+        a client that disconnects cancels its job in any state (its rows are freed at the next
+        step)."""
         watcher = asyncio.create_task(_wait_for_disconnect(receive))
         try:
             remaining = max(0.0, job.deadline - time.monotonic())
             await asyncio.wait(
                 {job.future, watcher}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
             )
-            if not job.future.done():
-                if watcher.done():
-                    error: Exception = ClientDisconnected(
-                        "client disconnected while the request was queued"
-                    )
-                else:
-                    error = DeadlineExceeded(
+            if not job.future.done() and not watcher.done():
+                if job.expire(
+                    DeadlineExceeded(
                         "the request did not start within its "
                         f"{job.deadline - job.enqueued_at:.1f}s deadline (the server is busy); "
                         "retry later"
                     )
-                if job.cancel(error):  # still queued: drop it
-                    self.queue.discard(job)
+                ):
+                    self.metrics.cancelled.labels("deadline").inc()
                     self.metrics.queue_wait.observe(time.monotonic() - job.enqueued_at)
-                else:  # already computing: wait for it, unless the client is gone
+                else:  # already stepping: the deadline no longer applies
                     await asyncio.wait({job.future, watcher}, return_when=asyncio.FIRST_COMPLETED)
-                    if not job.future.done():
-                        raise ClientDisconnected(
-                            "client disconnected while its batch was computing"
-                        )
+            if not job.future.done():  # the client is gone
+                running = job.admitted_at is not None
+                job.cancel(ClientDisconnected("client disconnected before its request finished"))
+                self.metrics.cancelled.labels("disconnect").inc()
+                if not running:
+                    self.metrics.queue_wait.observe(time.monotonic() - job.enqueued_at)
             return job.future.result()
         except asyncio.CancelledError:
-            # the server cancelled the request task (shutdown timeout): never compute its job
-            if job.cancel(ClientDisconnected("request cancelled by the server")):
-                self.queue.discard(job)
+            # the server cancelled the request task (shutdown timeout): stop computing its job
+            job.cancel(ClientDisconnected("request cancelled by the server"))
             raise
         finally:
             watcher.cancel()
@@ -188,10 +245,14 @@ class Runtime:
             except TimeoutError:
                 logger.error("drain timeout passed with %d job(s) unfinished", len(self.inflight))
         for job in list(self.inflight):
-            if job.cancel(
-                Draining("the server shut down before this request started; retry elsewhere")
-            ):
-                self.queue.discard(job)
+            if not job.started:
+                job.cancel(
+                    Draining(
+                        "the server shut down before this request started (it was not computed); "
+                        "retry after the Retry-After delay, on another replica or on this server "
+                        "once restarted"
+                    )
+                )
         logger.info("drained")
 
     async def stop(self) -> None:
@@ -201,7 +262,12 @@ class Runtime:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for job in list(self.inflight):
-            job.fail(Draining("the server stopped before this request finished; retry elsewhere"))
+            job.fail(
+                Draining(
+                    "the server stopped before this request finished; retry after the "
+                    "Retry-After delay, on another replica or on this server once restarted"
+                )
+            )
         self._set_state("stopped")
         if self._thread is not None:
             self._thread.stop()

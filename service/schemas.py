@@ -8,7 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-MAX_SEED = 2**32 - 1
+from models.request import MAX_SEED
+
 _FLOAT_FIELDS = frozenset({"prior_guidance_scale", "decoder_guidance_scale", "timeout_s"})
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
@@ -100,9 +101,11 @@ class ImageData(BaseModel):
 
 
 class Timings(BaseModel):
-    """Seconds. Stage times are those of the whole batch this request ran in."""
+    """Seconds. Stage times are those of the compute calls this request took part in (shared with
+    whatever else was in them)."""
 
-    queue_wait: float = Field(..., description="Arrival to batch start.")
+    queue_wait: float = Field(..., description="Arrival to admission (text encoding).")
+    first_step: float = Field(..., description="Arrival to the end of the first denoising step.")
     text: float
     prior: float
     decoder: float
@@ -126,6 +129,12 @@ class GenerateResponse(BaseModel):
         ..., description="The prompt was longer than the text encoder reads."
     )
     negative_prompt_truncated: bool
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="Things about this request the model could not honour, for a person to read "
+        "(also the X-Cascade-Warning header). Today only the demo model warns: about a prompt or "
+        "negative prompt outside the words and sentence form it was trained on. Empty otherwise.",
+    )
     timings: Timings
 
 
@@ -143,10 +152,41 @@ class ErrorResponse(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["starting", "ready", "draining", "failed", "alive"]
-    ready: bool
-    model: dict[str, str | bool] | None = None
-    demo_weights: bool | None = None
-    queue_depth: int = 0
-    inflight_jobs: int = 0
-    message: str | None = None
+    """The body of both health probes: the same snapshot of the server; only the HTTP status
+    differs (``/health/live``: 503 only after a failed model load; ``/health/ready``: 200 only
+    when ready)."""
+
+    status: Literal["starting", "ready", "draining", "failed"] = Field(
+        ...,
+        description="starting: loading or warming up the model; ready: taking requests; "
+        "draining: shutting down, finishing admitted requests; failed: the model could not load.",
+    )
+    ready: bool = Field(..., description="status == ready: new requests are admitted.")
+    model: dict[str, str | bool] | None = Field(
+        None, description="Identity of the loaded model; null until it has loaded."
+    )
+    demo_weights: bool | None = Field(
+        None, description="The loaded model is the built-in demo model; null until it has loaded."
+    )
+    queue_depth: int = Field(..., description="Jobs waiting in the queue.")
+    inflight_jobs: int = Field(
+        ..., description="Jobs admitted and not yet answered (queued or computing)."
+    )
+    message: str | None = Field(None, description="Why loading failed, when status is failed.")
+
+
+class RequestState(BaseModel):
+    """The state of one request (GET / DELETE /v1/requests/{id})."""
+
+    id: str
+    status: Literal["queued", "running", "done", "failed", "cancelled"]
+    stage: Literal["queued", "prior", "decoder", "vqgan", "done"] = Field(
+        description="Where the job is: queued, prior (Stage C), decoder (Stage B), vqgan "
+        "(Stage A), done"
+    )
+    step: int | None = Field(None, description="Steps done in the current stage")
+    total: int | None = Field(None, description="Steps of the current stage")
+    queue_position: int | None = Field(None, description="0 = next to be admitted")
+    cancelled: bool | None = Field(
+        None, description="DELETE only: whether this call cancelled the request"
+    )

@@ -2,7 +2,8 @@
 
 Built once in ``__main__`` (or by a test) and passed inward; nothing else reads the environment. A
 bad value raises ``SettingsError`` naming the variable, the value and what is allowed, and start-up
-stops there.
+stops there. The most used settings also have a command-line flag (``FLAGS``); a flag wins over its
+variable.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "CASCADE_"
 # Read by other modules (service/auth.py, service/access_log.py) or by the deployment files themselves.
@@ -27,6 +35,19 @@ OTHER_VARIABLES = frozenset(
         "CASCADE_WEIGHTS_HOST_DIR",
     }
 )
+# Settings with a flag of `python -m service` / `cascade-serve` (field -> flag); the rest are
+# variables only. Equivalent to CASCADE_<FIELD>; given both, the flag wins.
+FLAGS = {
+    "host": "--host",
+    "port": "--port",
+    "weights_dir": "--weights",
+    "prior_variant": "--prior-variant",
+    "decoder_variant": "--decoder-variant",
+    "device": "--device",
+    "dtype": "--dtype",
+    "log_level": "--log-level",
+    "torch_threads": "--torch-threads",
+}
 logger = logging.getLogger("service.settings")
 
 
@@ -78,7 +99,22 @@ class Settings(BaseModel):
         description="Most images in one batch (also the most images of one request).",
     )
     max_batch_wait_ms: float = Field(
-        2.0, ge=0, le=10_000, description="How long the oldest job waits for compatible company."
+        2.0,
+        ge=0,
+        le=10_000,
+        description="Static batching: how long the oldest job waits for compatible company.",
+    )
+    batching: Literal["continuous", "static"] = Field(
+        "continuous",
+        description="continuous: jobs join and leave the running batch at every denoising step; "
+        "static: a batch of compatible requests runs to its end before the next one starts.",
+    )
+    max_active_images: int = Field(
+        16,
+        ge=1,
+        le=4096,
+        description="Continuous batching: most images admitted at once (each keeps its latents "
+        "and text conditioning on the device); at least CASCADE_MAX_BATCH_IMAGES.",
     )
     request_timeout_s: float = Field(
         300.0,
@@ -89,6 +125,13 @@ class Settings(BaseModel):
         30.0, ge=0, description="On SIGTERM, how long queued and running jobs get to finish."
     )
     retry_after_s: int = Field(5, ge=0, description="Retry-After seconds sent with every 503.")
+    keep_alive_s: float = Field(
+        75.0,
+        gt=0,
+        le=3600,
+        description="Seconds an idle keep-alive connection stays open; keep it above the idle "
+        "timeout of the clients and proxies in front (nginx upstream: 60 s, httpx: 5 s).",
+    )
     max_body_bytes: int = Field(
         65_536, ge=1024, description="Largest request body accepted (413 above), chunked or not."
     )
@@ -109,6 +152,15 @@ class Settings(BaseModel):
         2, ge=1, le=64, description="Threads encoding PNGs off the event loop."
     )
 
+    @model_validator(mode="after")
+    def _check_active_images(self) -> Settings:
+        if self.max_active_images < self.max_batch_images:
+            raise ValueError(
+                f"CASCADE_MAX_ACTIVE_IMAGES={self.max_active_images} must be at least "
+                f"CASCADE_MAX_BATCH_IMAGES={self.max_batch_images}"
+            )
+        return self
+
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:
@@ -120,15 +172,22 @@ class Settings(BaseModel):
     @classmethod
     def _check_weights_dir(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_dir():
-            raise ValueError(f"{value} is not a directory")
+            raise ValueError(
+                f"{value} is not a directory; point it at a folder of downloaded weights, or "
+                "unset it to serve the built-in demo model"
+            )
         return value
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Read ``CASCADE_<FIELD>`` variables (empty ones count as unset); raise SettingsError on
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, flags: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Read ``CASCADE_<FIELD>`` variables (empty ones count as unset), then ``flags`` (field ->
+        raw value from the command line), which win over the variables; raise SettingsError on
         bad values."""
         environ = os.environ if environ is None else environ
         values: dict[str, str] = {}
+        from_flag: set[str] = set()
         for key, raw in environ.items():
             if not key.startswith(ENV_PREFIX) or raw == "" or key in OTHER_VARIABLES:
                 continue
@@ -141,17 +200,37 @@ class Settings(BaseModel):
                 logger.warning(
                     "ignoring unknown setting %s (known: %s)", key, ", ".join(env_names())
                 )
+        for name, raw in (flags or {}).items():
+            if name not in FLAGS:
+                raise ValueError(f"{name} has no command-line flag")
+            values[name] = raw
+            from_flag.add(name)
         try:
             return cls.model_validate(values)
         except ValidationError as exc:
             problems = []
             for err in exc.errors():
-                name = str(err["loc"][0]) if err["loc"] else "?"
+                if not err["loc"]:  # a rule across settings: its message names them
+                    problems.append(str(err["msg"]).removeprefix("Value error, "))
+                    continue
+                name = str(err["loc"][0])
                 shown = values.get(name, "")
-                problems.append(f"{ENV_PREFIX}{name.upper()}={shown!r}: {err['msg']}")
+                if name in from_flag:
+                    label = f"{FLAGS[name]}={shown!r} (or {ENV_PREFIX}{name.upper()})"
+                elif name in FLAGS:
+                    label = f"{ENV_PREFIX}{name.upper()}={shown!r} (or {FLAGS[name]})"
+                else:
+                    label = f"{ENV_PREFIX}{name.upper()}={shown!r}"
+                problems.append(f"{label}: {err['msg']}")
             raise SettingsError("invalid settings: " + "; ".join(problems)) from None
 
 
 def env_names() -> list[str]:
     """All ``CASCADE_*`` variable names, in declaration order."""
     return [ENV_PREFIX + name.upper() for name in Settings.model_fields]
+
+
+def setting_name(field: str) -> str:
+    """How messages name a setting: ``CASCADE_PORT (--port)``, or the variable alone."""
+    variable = ENV_PREFIX + field.upper()
+    return f"{variable} ({FLAGS[field]})" if field in FLAGS else variable

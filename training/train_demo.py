@@ -88,6 +88,14 @@ DEMO_DEFAULTS = {
     "cfg_rho": 0.7,
 }
 DEMO_LIMITS = {"min_size": 64, "max_size": 512}
+# The captions of training/data.py in the grammar of models/demo_vocabulary.py: what the model knows.
+DEMO_PROMPTS = {
+    "grammar": "a {colour} {" + "|".join(data.SHAPES) + "} ["
+    + "|".join(phrase for phrase in data.POSITION_PHRASE.values() if phrase)
+    + "]on a {colour} background",
+    "slots": {"colour": list(data.COLOUR_NAMES)},
+    "distinct": ["colour"],  # a caption's shape and background colours always differ
+}
 
 
 class Log:
@@ -371,6 +379,7 @@ def export(out: Path, work: Path, log: Log) -> None:
         "trained_by": "python -m training.train_demo --out assets/demo-model",
         "defaults": DEMO_DEFAULTS,
         "limits": DEMO_LIMITS,
+        "prompts": DEMO_PROMPTS,
     }
     (out / "demo.json").write_text(json.dumps(meta, indent=2) + "\n")
     log(f"wrote {out / 'demo.json'}")

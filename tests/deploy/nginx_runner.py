@@ -100,8 +100,8 @@ def running_nginx(work_dir: Path, upstreams: list[str]) -> Iterator[Nginx]:
     server = Nginx(proc, port, work_dir)
     try:
         wait_until(
-            lambda: httpx.get(f"{server.url}/health/live", timeout=2).status_code == 200,
-            20,
+            lambda: httpx.get(f"{server.url}/health/live", timeout=5).status_code == 200,
+            60,
             "nginx to listen",
             proc=proc,
         )

@@ -178,7 +178,12 @@ def start_replica(
     return proc, port
 
 
-def wait_ready(proc: ManagedProcess, port: int, timeout_s: float = 120.0) -> None:
+# Loading and warming up the demo model takes ~5 s on an idle 2-core machine and has taken ~40 s with
+# the cores shared; the bound is for a hang, not for a slow start.
+READY_TIMEOUT_S = 300.0
+
+
+def wait_ready(proc: ManagedProcess, port: int, timeout_s: float = READY_TIMEOUT_S) -> None:
     wait_until(
         lambda: http_ok(f"http://127.0.0.1:{port}/health/ready"),
         timeout_s,

@@ -159,3 +159,34 @@ def test_weights_are_never_copied_into_the_image() -> None:
         ), f".dockerignore lets {weight_file} into the build context"
     for needed in ("models", "service", "docker", "pyproject.toml"):
         assert needed not in patterns, f".dockerignore excludes {needed}, which the build needs"
+
+
+def documented_builds() -> list[dict[str, str]]:
+    """The build arguments of each row of docs/deploy.md's driver table (`NAME=value` in backticks)."""
+    text = (REPO / "docs" / "deploy.md").read_text()
+    section = text.split("### CUDA builds and drivers", 1)[1].split("\n### ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| CUDA ")]
+    assert len(rows) >= 2, "docs/deploy.md lost its driver table"
+    return [dict(re.findall(r"`([A-Z_]+)=([^`\s]+)`", row)) for row in rows]
+
+
+def test_every_documented_build_pairs_its_cuda_base_with_the_same_torch_build() -> None:
+    defaults = arg_defaults()
+    builds = documented_builds()
+    assert builds[0] == {}, "the first row is the default build: no arguments"
+    for args in builds[1:]:
+        assert set(args) <= set(defaults), f"unknown build argument in {args}"
+        build = {**defaults, **args}
+        match = re.fullmatch(
+            r"nvidia/cuda:(\d+)\.(\d+)\.\d+-runtime-ubuntu\d+\.\d+", build["CUDA_IMAGE"]
+        )
+        assert match, build["CUDA_IMAGE"]
+        assert build["TORCH_INDEX_URL"] == (
+            f"https://download.pytorch.org/whl/cu{match.group(1)}{match.group(2)}"
+        ), f"{args}: the torch build does not match the base image's CUDA"
+    # The example command below the table is the CUDA 12.6 row.
+    text = (REPO / "docs" / "deploy.md").read_text()
+    cu126 = next(a for a in builds if a.get("TORCH_INDEX_URL", "").endswith("/cu126"))
+    for name, value in cu126.items():
+        assert f"--build-arg {name}={value}" in text
+        assert f"--build-arg {name}={value}" in DOCKERFILE.read_text()

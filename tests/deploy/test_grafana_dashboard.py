@@ -71,6 +71,11 @@ def test_dashboard_covers_the_operational_questions(dash: dict[str, Any]) -> Non
         "cascade_rejected_requests_total",
         "cascade_gpu_memory_allocated_bytes",
         "cascade_gpu_memory_reserved_bytes",
+        "cascade_active_images",  # the step-level engine: images in flight per stage,
+        "cascade_step_batch_images_sum",  # how full each forward is,
+        "cascade_steps_total",
+        "cascade_time_to_first_step_seconds_bucket",  # time to first step,
+        "cascade_cancelled_total",  # cancellations
     }
     assert required <= used, f"dashboard lacks {sorted(required - used)}"
     latency = [e for _, e in queries if "cascade_request_duration_seconds_bucket" in e]
@@ -95,7 +100,7 @@ def test_dashboard_reads_only_metrics_a_running_server_exposes(
     # One generation and one refusal, so that every labelled series (request duration, batches,
     # rejections, ...) has samples.
     r = httpx.post(
-        f"{replica.url}/v1/generate", json={"prompt": "a green square", "seed": 3}, timeout=60
+        f"{replica.url}/v1/generate", json={"prompt": "a green square", "seed": 3}, timeout=120
     )
     assert r.status_code == 200, r.text
     r = httpx.post(f"{replica.url}/v1/generate", json={"prompt": ""}, timeout=60)

@@ -17,21 +17,45 @@ import yaml
 
 from tests.deploy import dashboard
 from tests.deploy.processes import ManagedProcess, Replica, free_port, http_ok, wait_until
-from tests.deploy.rendering import PROMETHEUS_YML, render_prometheus_yml
+from tests.deploy.rendering import (
+    PROMETHEUS_YML,
+    prometheus_replica_list,
+    render_prometheus_main,
+    render_prometheus_yml,
+)
 from tests.deploy.tooling import REPO, find_tool
 
-SCRAPE_WAIT_S = 30.0  # the shipped scrape interval is 5 s; allow for a loaded 2-core machine
+# The shipped scrape interval is 5 s; this only bounds the wait, generously for a loaded 2-core machine.
+SCRAPE_WAIT_S = 90.0
+ADAPTER_CONFIG = REPO / "deploy" / "k8s" / "prometheus-adapter" / "prometheus-adapter-config.yaml"
 
 
-def test_promtool_accepts_the_shipped_config() -> None:
-    result = subprocess.run(
-        [find_tool("promtool"), "check", "config", str(PROMETHEUS_YML)],
+def promtool_check(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [find_tool("promtool"), "check", "config", str(config)],
         check=False,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_promtool_accepts_the_shipped_config_with_each_replica_list(tmp_path: Path) -> None:
+    result = promtool_check(PROMETHEUS_YML)
     assert result.returncode == 0, result.stdout + result.stderr
+    # promtool reads a file_sd list only where it exists: point the config at each shipped list.
+    for setup in ("one-gpu", "two-gpus"):
+        work = tmp_path / setup
+        work.mkdir()
+        config = render_prometheus_main(work, prometheus_replica_list(setup), free_port())
+        result = promtool_check(config)
+        assert result.returncode == 0 and "WARNING" not in result.stdout + result.stderr, (
+            f"{setup}: {result.stdout}{result.stderr}"
+        )
+    # The check can fail: a list with a misspelt key is refused.
+    bad = tmp_path / "bad.yml"
+    bad.write_text("- targetz: [cascade-0:8000]\n")
+    assert promtool_check(render_prometheus_main(tmp_path, bad, free_port())).returncode != 0
 
 
 @dataclass(frozen=True)
@@ -73,7 +97,7 @@ def prometheus(
     try:
         wait_until(
             lambda: http_ok(f"http://127.0.0.1:{port}/-/ready"),
-            30,
+            SCRAPE_WAIT_S,
             "prometheus /-/ready",
             proc=proc,
         )
@@ -124,9 +148,7 @@ def test_prometheus_accepts_every_dashboard_query(prometheus: PrometheusApi) -> 
 
 
 def test_prometheus_accepts_the_adapter_rule_query(prometheus: PrometheusApi) -> None:
-    configmap = yaml.safe_load(
-        (REPO / "deploy" / "k8s" / "prometheus-adapter-config.yaml").read_text()
-    )
+    configmap = yaml.safe_load(ADAPTER_CONFIG.read_text())
     for rule in yaml.safe_load(configmap["data"]["config.yaml"])["rules"]:
         prometheus.query(rule["seriesQuery"])
         # As prometheus-adapter expands it for one pod of the HPA's namespace.
@@ -157,5 +179,12 @@ def test_the_loopback_copy_differs_from_the_shipped_file_only_in_targets(tmp_pat
     config = render_prometheus_yml(tmp_path, ["127.0.0.1:1", "127.0.0.1:2"], 3)
     shipped, rendered = PROMETHEUS_YML.read_text().splitlines(), config.read_text().splitlines()
     changed = [(old, new) for old, new in zip(shipped, rendered) if old != new]
-    assert len(shipped) == len(rendered) and len(changed) == 3, changed
-    assert all(re.fullmatch(r"\s*- 127\.0\.0\.1:\d+", new) for _, new in changed), changed
+    assert len(shipped) == len(rendered) and len(changed) == 2, changed
+    assert re.fullmatch(r"\s*- 127\.0\.0\.1:3", changed[-1][1]), changed  # Prometheus itself
+    assert changed[0][1].strip() == f"- {tmp_path / 'cascade-replicas.yml'}", changed
+
+    shipped = prometheus_replica_list("two-gpus").read_text().splitlines()
+    rendered = (tmp_path / "cascade-replicas.yml").read_text().splitlines()
+    changed = [(old, new) for old, new in zip(shipped, rendered) if old != new]
+    assert len(shipped) == len(rendered) and len(changed) == 2, changed
+    assert all(re.fullmatch(r"\s*- 127\.0\.0\.1:[12]", new) for _, new in changed), changed

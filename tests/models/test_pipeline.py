@@ -371,38 +371,6 @@ def test_cli_runs_a_snapshot_directory(tiny_snapshot, tmp_path, capsys):
     assert "stable-cascade-lite-lite" in capsys.readouterr().err
 
 
-def test_sample_stage_from_an_init_latent_draws_no_initial_noise(tiny_pipeline):
-    from models.schedule import logsnr_grid
-
-    pipe, n = tiny_pipeline, 2
-    text = pipe.text_encoder.encode(["a", "b"])
-    cond = {
-        "clip_text": text.clip_text,
-        "clip_text_pooled": text.clip_text_pooled,
-        "clip_img": torch.zeros(n, 1, pipe.stage_c.config.c_clip_img),
-    }
-    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
-    x_init = torch.randn(n, 16, 3, 3, generator=torch.Generator().manual_seed(0))
-    out = pipe.sample_stage(
-        pipe.stage_c,
-        (16, 3, 3),
-        cond,
-        cond,
-        torch.full((n,), 1.0),
-        torch.zeros(n),
-        logsnr_grid(4, 2.0, t_start=0.8),
-        gens,
-        x_init=x_init,
-    )
-    assert out.shape == (n, 16, 3, 3)
-    assert bool(torch.isfinite(out).all())
-    for seed, g in zip((1, 2), gens, strict=True):  # exactly one noise tensor per step was drawn
-        fresh = torch.Generator().manual_seed(seed)
-        for _ in range(4):
-            torch.randn((16, 3, 3), generator=fresh)
-        assert torch.equal(torch.randn(5, generator=g), torch.randn(5, generator=fresh))
-
-
 def test_cli_writes_pngs_of_the_requested_size(tmp_path, capsys):
     out = tmp_path / "sub" / "pic.png"
     code = cli.main(

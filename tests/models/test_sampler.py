@@ -177,3 +177,17 @@ def test_cfg_denoiser_skips_uncond_when_every_scale_is_one():
     eps = cfg_denoiser(model, cond, uncond, torch.ones(2), torch.full((2,), 0.7))(x, r)
     assert model.batches == [2]
     torch.testing.assert_close(eps, model(x, r, text=cond["text"]))
+
+
+def test_sample_from_an_init_latent_draws_no_initial_noise():
+    """Started from a given latent (image-to-image), each generator draws exactly one noise
+    tensor per step and nothing else."""
+    gens = _generators([1, 2])
+    x_init = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    out = sample(toy_eps, x_init, logsnr_grid(4, 2.0, t_start=0.8), gens)
+    assert out.shape == (2, 4, 3, 3) and bool(torch.isfinite(out).all())
+    for seed, g in zip((1, 2), gens, strict=True):
+        fresh = torch.Generator().manual_seed(seed)
+        for _ in range(4):
+            torch.randn((4, 3, 3), generator=fresh)
+        assert torch.equal(torch.randn(5, generator=g), torch.randn(5, generator=fresh))

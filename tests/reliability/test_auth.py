@@ -1,5 +1,6 @@
-"""API keys (service.auth): 401 envelope without / with a wrong key, every configured key accepted (env
-and file), probes open, /metrics gated only on request, every key compared with hmac.compare_digest."""
+"""API keys (service.auth): 401 envelope without / with a wrong key, a message saying what is wrong with
+a malformed Authorization header (never repeating it), every configured key accepted (env and file), probes
+open, /metrics gated only on request, every key compared with hmac.compare_digest."""
 
 from __future__ import annotations
 
@@ -78,10 +79,10 @@ def test_generate_needs_a_valid_key() -> None:
     )
     _assert_401(
         client.post("/v1/generate", headers={"Authorization": f"Basic {KEYS[0]}"}, json={}),
-        "missing",
+        "got the Basic scheme",
     )
     _assert_401(
-        client.post("/v1/generate", headers={"Authorization": "Bearer "}, json={}), "missing"
+        client.post("/v1/generate", headers={"Authorization": "Bearer "}, json={}), "no key"
     )
     # Default-deny: routes not on the open list need a key too.
     _assert_401(client.get("/v1/other"), "missing API key")
@@ -95,6 +96,36 @@ def test_generate_needs_a_valid_key() -> None:
         == 200
     )
     assert len(rejected) == 6
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        # The key alone, as people paste it: the commonest mistake.
+        (KEYS[0], "must be 'Bearer <key>'; got a value without the Bearer scheme"),
+        (f"  {KEYS[0]}  ", "got a value without the Bearer scheme"),
+        ("", "the Authorization header is empty"),
+        ("   ", "the Authorization header is empty"),
+        ("Bearer", "has the Bearer scheme but no key"),
+        ("bearer   ", "has the Bearer scheme but no key"),
+        (f"Basic {KEYS[0]}", "must be 'Bearer <key>'; got the Basic scheme"),
+        (f"token {KEYS[0]}", "got the Token scheme"),
+        (f"Bearer: {KEYS[0]}", "got a scheme other than Bearer"),  # the name is not repeated
+        (f"{KEYS[0]} {KEYS[1]}", "got a scheme other than Bearer"),
+        (f"Bearer {KEYS[0]} {KEYS[1]}", "with one key; got several words after Bearer"),
+    ],
+)
+def test_a_malformed_header_is_named_without_repeating_it(value: str, says: str) -> None:
+    rejected: list[int] = []
+    client = _app({"CASCADE_API_KEYS": ",".join(KEYS)}, rejected)
+    response = client.post("/v1/generate", headers={"Authorization": value}, json={})
+    _assert_401(response, says)  # also: no configured key in the response
+    assert "missing" not in response.json()["error"]["message"]
+    assert response.json()["error"]["field"] == "Authorization"
+    for word in value.split():
+        if word.lower() not in ("bearer", "basic", "token"):
+            assert word not in response.text, word
+    assert rejected == [1]
 
 
 def test_keys_from_file_and_env_together(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ import uvicorn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from models.request import BatchOutput, GenerationParams, NonFiniteOutput
+from models.request import GenerationParams, GenerationResult, NonFiniteOutput
 from models.tiny import build_tiny_pipeline
 from service.app import create_app
 from service.settings import Settings
@@ -34,14 +34,16 @@ def tiny_pipeline() -> Any:
 
 
 class FaultyPipeline:
-    """The real pipeline, plus faults chosen per test. Records every batch it was asked to compute.
+    """The real pipeline, plus faults chosen per test. Records what it was asked to compute.
 
-    - ``gate``: when cleared, generate() blocks until it is set (``entered`` is set on each entry);
-      the warm-up call passes unless ``gate_warmup``.
-    - ``raise_for``: a prompt substring; a batch containing it raises RuntimeError.
-    - ``oom_above``: a batch with more images than this raises torch.OutOfMemoryError.
-    - ``nan_for``: a prompt substring; that request's entry becomes NonFiniteOutput (as the pipeline
-      reports NaN images), its batch neighbours are unaffected.
+    - ``gate``: when cleared, step() blocks until it is set (``entered`` is set on each entry);
+      the warm-up passes unless ``gate_warmup``.
+    - ``raise_for``: a prompt substring; a step whose group contains it raises RuntimeError.
+    - ``oom_above``: a step with more images than this raises torch.OutOfMemoryError.
+    - ``nan_for``: a prompt substring; that request's decode result becomes NonFiniteOutput (as
+      the pipeline reports NaN images), its neighbours are unaffected.
+    - ``batches``: the prompts of every admission (one text-encoder call), warm-up excluded;
+      ``steps``: the prompts of every step asked for (also those that failed).
     """
 
     def __init__(self, pipeline: Any, gate_warmup: bool = False) -> None:
@@ -56,35 +58,41 @@ class FaultyPipeline:
         self.raise_for: str | None = None
         self.oom_above: int | None = None
         self.nan_for: str | None = None
-        self.batches: list[
-            list[str]
-        ] = []  # prompts of every batch asked for, faulty or not (not warm-up)
+        self.batches: list[list[str]] = []
+        self.steps: list[list[str]] = []
         self._warm = False
 
     def validate(self, params: GenerationParams) -> None:
         self.inner.validate(params)
 
-    def generate(self, batch: Sequence[GenerationParams], on_step: Any = None) -> BatchOutput:
-        warmup = not self._warm
-        self._warm = True
-        if not warmup or self.gate_warmup:
+    def start(self, batch: Sequence[GenerationParams]) -> list[Any]:
+        if self._warm:
+            self.batches.append([p.prompt for p in batch])
+        return self.inner.start(batch)
+
+    def step(self, states: Sequence[Any], *, previews: bool = False) -> list[Any]:
+        if self._warm or self.gate_warmup:
             self.entered.set()
             assert self.gate.wait(WAIT_S), "test gate never opened"
-        prompts = [p.prompt for p in batch]
-        if not warmup:
-            self.batches.append(prompts)
-        images = sum(p.num_images for p in batch)
+        prompts = [s.params.prompt for s in states]
+        if self._warm:
+            self.steps.append(prompts)
+        images = sum(s.images for s in states)
         if self.oom_above is not None and images > self.oom_above:
             raise torch.OutOfMemoryError(f"injected: {images} images do not fit")
         if self.raise_for is not None and any(self.raise_for in p for p in prompts):
             raise RuntimeError("injected failure")
-        output = self.inner.generate(batch)
-        if self.nan_for is not None:
-            output.results = [
-                NonFiniteOutput("injected NaN") if self.nan_for in p else r
-                for p, r in zip(prompts, output.results, strict=True)
+        return self.inner.step(states, previews=previews)
+
+    def decode(self, states: Sequence[Any]) -> list[GenerationResult | NonFiniteOutput]:
+        warm, self._warm = self._warm, True
+        results = self.inner.decode(states)
+        if warm and self.nan_for is not None:
+            results = [
+                NonFiniteOutput("injected NaN") if self.nan_for in s.params.prompt else r
+                for s, r in zip(states, results, strict=True)
             ]
-        return output
+        return results
 
 
 class LiveServer:

@@ -1,6 +1,6 @@
 """``python -m tests.service.slow_server DELAY_S``: the real server entry point
 (service.__main__.serve, CASCADE_* settings) on the tiny pipeline, with every batch after warm-up
-held for DELAY_S seconds so that a test can send SIGTERM while jobs are queued and running."""
+held for DELAY_S seconds (each step: a generation takes DELAY_S x its steps) so that a test can send SIGTERM while jobs are queued and running."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from models.request import BatchOutput, GenerationParams
+from models.request import GenerationParams
 from models.tiny import build_tiny_pipeline
 from service.__main__ import serve
 from service.settings import Settings
@@ -26,11 +26,17 @@ class SlowPipeline:
     def validate(self, params: GenerationParams) -> None:
         self.inner.validate(params)
 
-    def generate(self, batch: Sequence[GenerationParams], on_step: Any = None) -> BatchOutput:
+    def start(self, batch: Sequence[GenerationParams]) -> list[Any]:
+        return self.inner.start(batch)
+
+    def step(self, states: Sequence[Any], *, previews: bool = False) -> list[Any]:
         if self.warm:
             time.sleep(self.delay_s)
+        return self.inner.step(states, previews=previews)
+
+    def decode(self, states: Sequence[Any]) -> list[Any]:
         self.warm = True
-        return self.inner.generate(batch)
+        return self.inner.decode(states)
 
 
 def main() -> None:

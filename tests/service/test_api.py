@@ -50,9 +50,14 @@ def test_json_response_has_images_seeds_timings_and_model(api: LiveServer) -> No
     assert (out["width"], out["height"]) == (192, 128)
     assert out["model"]["demo"] is True and out["model"]["name"] == "tiny-random"
     assert out["prompt_truncated"] is False and out["negative_prompt_truncated"] is False
+    # The tiny random model declares no prompts it knows, so it has nothing to warn about.
+    assert out["warnings"] == [] and "x-cascade-warning" not in r.headers
     t = out["timings"]
-    assert set(t) == {"queue_wait", "text", "prior", "decoder", "vqgan", "encode", "total"}
+    assert set(t) == {
+        "queue_wait", "first_step", "text", "prior", "decoder", "vqgan", "encode", "total"
+    }  # fmt: skip
     assert all(v >= 0 for v in t.values()) and t["prior"] > 0 and t["decoder"] > 0
+    assert t["queue_wait"] <= t["first_step"] <= t["total"]
     assert t["total"] >= t["prior"] + t["decoder"]
     assert r.headers["x-request-id"] == out["id"]
 
@@ -68,7 +73,16 @@ def test_raw_png_response(api: LiveServer, how: str) -> None:
     assert r.headers["content-type"] == "image/png"
     assert pixels(r.content).shape == (192, 128, 3)
     assert r.headers["x-seed"] == "11" and r.headers["x-demo-weights"] == "true"
-    for name in ("queue_wait", "text", "prior", "decoder", "vqgan", "encode", "total"):
+    for name in (
+        "queue_wait",
+        "first_step",
+        "text",
+        "prior",
+        "decoder",
+        "vqgan",
+        "encode",
+        "total",
+    ):
         assert f"{name};dur=" in r.headers["server-timing"]
     # the same request as JSON carries the same image
     body["response_format"] = "b64_json"
@@ -122,11 +136,13 @@ def test_raw_png_with_several_images_is_a_clear_422(api: LiveServer) -> None:
         ({"prompt": "   "}, "prompt", "non-whitespace"),
         ({"prompt": 5}, "prompt", "string"),
         ({"prompt": "a" * 301}, "prompt", "300"),
+        ({"prompt": "a" * 301}, "prompt", "CASCADE_MAX_PROMPT_CHARS"),
         ({"prompt": "a", "negative_prompt": "b" * 301}, "negative_prompt", "300"),
         ({"prompt": "a", "width": 100}, "width", "multiple of 8"),
         ({"prompt": "a", "height": 1024}, "height", "512"),
         ({"prompt": "a", "width": 0}, "width", "greater than or equal to 1"),
-        ({"prompt": "a", "num_images": 5}, "num_images", "4"),
+        ({"prompt": "a", "num_images": 5}, "num_images", "limit of 4"),
+        ({"prompt": "a", "num_images": 5}, "num_images", "CASCADE_MAX_BATCH_IMAGES"),
         ({"prompt": "a", "num_images": 0}, "num_images", "greater than or equal to 1"),
         ({"prompt": "a", "seed": -1}, "seed", "greater than or equal to 0"),
         ({"prompt": "a", "seed": 2**32}, "seed", "4294967295"),
@@ -208,10 +224,16 @@ def test_unknown_route_is_a_json_404(api: LiveServer) -> None:
 
 
 def test_health_endpoints_when_ready(api: LiveServer) -> None:
-    assert api.client.get("/health/live").status_code == 200
+    live = api.client.get("/health/live")
     r = api.client.get("/health/ready")
-    assert r.status_code == 200
+    assert live.status_code == 200 and r.status_code == 200
     assert r.json()["status"] == "ready" and r.json()["demo_weights"] is True
+    # One snapshot, two probes: the same body (ready with a model, never ready with model null).
+    assert live.json() == r.json()
+    assert r.json()["ready"] is True and r.json()["model"]["name"] == "tiny-random"
+    assert set(r.json()) == {
+        "status", "ready", "model", "demo_weights", "queue_depth", "inflight_jobs", "message"
+    }  # fmt: skip
 
 
 def test_openapi_documents_every_route_and_error(api: LiveServer) -> None:

@@ -117,12 +117,14 @@ def test_full_queue_rejects_at_once_and_cancelled_jobs_leave_it() -> None:
     run(scenario())
 
 
-def test_a_started_job_cannot_be_cancelled() -> None:
+def test_a_job_that_has_stepped_no_longer_expires_but_can_still_be_cancelled() -> None:
     async def scenario() -> None:
         q = JobQueue(2)
         q.put(job("a"))
         (taken,) = await collect_batch(q, max_images=1, max_wait_s=0)
-        assert taken.start(time.monotonic()) and taken.state is JobState.RUNNING
-        assert not taken.cancel(DeadlineExceeded("late")) and not taken.future.done()
+        taken.first_step_at = time.monotonic()
+        assert not taken.expire(DeadlineExceeded("late")) and not taken.future.done()
+        assert taken.cancel(DeadlineExceeded("cancelled")) and taken.outcome == "cancelled"
+        assert not taken.cancel(DeadlineExceeded("twice"))
 
     run(scenario())

@@ -68,14 +68,14 @@ def test_concurrent_compatible_requests_share_a_batch_and_match_solo_runs(
         {"prompt": f"a shape number {i}", "seed": 100 + i, "prior_guidance_scale": 2.0 + i}
         for i in range(4)
     ]
-    with serve(pipeline, max_batch_images=4) as live:
+    with serve(pipeline, max_batch_images=4, batching="static") as live:
         blocker = hold_compute(live, pipeline, pool)
         futures = [post(live, pool, body) for body in bodies]
         wait_until(lambda: queue_depth(live) == 4, "4 jobs queued")
         pipeline.gate.set()
         batched = [f.result() for f in futures]
         assert blocker.result().status_code == 200
-        assert live.metric("cascade_batches_total", outcome="ok") == 2  # blocker + one batch of 4
+        assert pipeline.batches[0] == ["blocker"]  # admitted alone, then one batch of 4
         assert sorted(pipeline.batches[1]) == sorted(b["prompt"] for b in bodies)
         assert all(r.json()["batch_images"] == 4 for r in batched)
         solo = [live.client.post("/v1/generate", json=body) for body in bodies]  # one at a time
@@ -155,27 +155,30 @@ def test_client_disconnect_while_queued_drops_the_job(
         assert pipeline.batches == [["blocker"], ["next"]]
 
 
-def test_a_failing_batch_fails_only_its_jobs_and_the_worker_goes_on(
-    tiny_pipeline: Any, pool: ThreadPoolExecutor
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_a_failing_job_fails_only_itself_and_the_scheduler_goes_on(
+    tiny_pipeline: Any, pool: ThreadPoolExecutor, batching: str
 ) -> None:
+    """A step that raises is retried on each half of its group until the failing job is alone:
+    only that job fails, whoever shared its forwards."""
     pipeline = FaultyPipeline(tiny_pipeline)
     pipeline.raise_for = "explode"
-    with serve(pipeline, max_batch_images=2) as live:
+    with serve(pipeline, max_batch_images=2, batching=batching) as live:
         blocker = hold_compute(live, pipeline, pool)
-        doomed = [
-            post(live, pool, {"prompt": "explode", "seed": 1}),
-            post(live, pool, {"prompt": "neighbour"}),
-        ]
+        doomed = post(live, pool, {"prompt": "explode", "seed": 1})
+        neighbour = post(live, pool, {"prompt": "neighbour"})
         other_size = post(live, pool, {"prompt": "different batch", "width": 192})
         wait_until(lambda: queue_depth(live) == 3, "3 jobs queued")
         pipeline.gate.set()
-        for r in (f.result() for f in doomed):
-            assert r.status_code == 500
-            err = r.json()["error"]
-            assert err["code"] == "generation_failed" and "injected failure" in err["message"]
-        assert other_size.result().status_code == 200 and blocker.result().status_code == 200
+        r = doomed.result()
+        assert r.status_code == 500
+        err = r.json()["error"]
+        assert err["code"] == "generation_failed" and "injected failure" in err["message"]
+        for future in (neighbour, other_size, blocker):
+            assert future.result().status_code == 200
+        assert any("explode" in step and len(step) > 1 for step in pipeline.steps)  # it shared
         assert live.client.post("/v1/generate", json={"prompt": "later"}).status_code == 200
-        assert live.metric("cascade_batches_total", outcome="error") == 1
+        assert live.metric("cascade_batches_total", outcome="error") >= 1
         assert live.client.get("/health/ready").status_code == 200
 
 
@@ -184,7 +187,7 @@ def test_non_finite_output_fails_only_that_request(
 ) -> None:
     pipeline = FaultyPipeline(tiny_pipeline)
     pipeline.nan_for = "poisoned"
-    with serve(pipeline, max_batch_images=2) as live:
+    with serve(pipeline, max_batch_images=2, batching="static") as live:
         blocker = hold_compute(live, pipeline, pool)
         bad, good = post(live, pool, {"prompt": "poisoned"}), post(live, pool, {"prompt": "fine"})
         wait_until(lambda: queue_depth(live) == 2, "2 jobs queued")
@@ -197,11 +200,12 @@ def test_non_finite_output_fails_only_that_request(
         assert good.result().status_code == 200 and good.result().json()["batch_images"] == 2
 
 
-def test_out_of_memory_splits_the_batch_and_succeeds(
-    tiny_pipeline: Any, pool: ThreadPoolExecutor
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_out_of_memory_shrinks_the_group_and_succeeds(
+    tiny_pipeline: Any, pool: ThreadPoolExecutor, batching: str
 ) -> None:
     pipeline = FaultyPipeline(tiny_pipeline)
-    with serve(pipeline, max_batch_images=4) as live:
+    with serve(pipeline, max_batch_images=4, batching=batching) as live:
         blocker = hold_compute(live, pipeline, pool)
         pipeline.oom_above = 1
         futures = [post(live, pool, {"prompt": f"p{i}", "seed": i}) for i in range(3)]
@@ -209,10 +213,11 @@ def test_out_of_memory_splits_the_batch_and_succeeds(
         pipeline.gate.set()
         assert blocker.result().status_code == 200
         assert [f.result().status_code for f in futures] == [200, 200, 200]
-        # 3 jobs OOM -> 1 + 2 jobs; the 2 OOM -> 1 + 1 (pipeline.batches records every attempt)
-        assert live.metric("cascade_batches_total", outcome="oom") == 2
-        assert [len(b) for b in pipeline.batches[1:]] == [3, 1, 2, 1, 1]
-        assert sorted(b[0] for b in pipeline.batches[1:] if len(b) == 1) == ["p0", "p1", "p2"]
+        assert live.metric("cascade_batches_total", outcome="oom") >= 1
+        # after a group's out-of-memory splits it stays small: a few attempts per group key fail
+        # (Stage C and Stage B groups), not one per step
+        assert live.metric("cascade_batches_total", outcome="oom") <= 8
+        assert all(len(step) == 1 for step in pipeline.steps[-5:])
         # a single request that cannot fit fails with a clear 500, and the server keeps serving
         r = live.client.post("/v1/generate", json={"prompt": "big", "num_images": 2})
         assert r.status_code == 500 and r.json()["error"]["code"] == "gpu_out_of_memory"
@@ -225,13 +230,17 @@ def test_not_ready_until_warm_up_has_run(tiny_pipeline: Any) -> None:
     pipeline.gate.clear()
     with serve(pipeline, ready=False, retry_after_s=3) as live:
         assert pipeline.entered.wait(WAIT_S)  # warm-up generation is running (held)
-        assert live.client.get("/health/live").status_code == 200
+        alive = live.client.get("/health/live")
+        assert alive.status_code == 200
         r = live.client.get("/health/ready")
         assert (
             r.status_code == 503
             and r.json()["status"] == "starting"
             and r.headers["retry-after"] == "3"
         )
+        # Both probes report the same state: not ready, no model yet.
+        assert alive.json() == r.json()
+        assert r.json()["ready"] is False and r.json()["model"] is None
         r = live.client.post("/v1/generate", json={"prompt": "too early"})
         assert (
             r.status_code == 503
@@ -254,9 +263,10 @@ def test_failed_model_load_turns_liveness_503_and_asks_to_stop(tiny_pipeline: An
     app.state.runtime.on_fatal = stopped.set
     with serve_app(app) as live:
         assert stopped.wait(WAIT_S)
-        r = live.client.get("/health/live")
-        assert r.status_code == 503 and "no weights under /nowhere" in r.json()["message"]
+        alive = live.client.get("/health/live")
+        assert alive.status_code == 503 and "no weights under /nowhere" in alive.json()["message"]
         r = live.client.get("/health/ready")
         assert r.status_code == 503 and r.json()["status"] == "failed"
+        assert alive.json() == r.json() and r.json()["model"] is None
         r = live.client.post("/v1/generate", json={"prompt": "a"})
         assert r.status_code == 503 and "FileNotFoundError" in r.json()["error"]["message"]

@@ -34,6 +34,11 @@ FIXED_NAMES = [
     "cascade_ready",
     "cascade_draining",
     "cascade_model_info",
+    "cascade_active_images",
+    "cascade_step_batch_images",
+    "cascade_steps_total",
+    "cascade_time_to_first_step_seconds",
+    "cascade_cancelled_total",
 ]
 
 
@@ -56,6 +61,7 @@ def test_every_metric_is_exported_with_plausible_values(tiny_pipeline: Any) -> N
         )  # fmt: skip
         wait_until(lambda: live.metric("cascade_queue_depth") == 1, "one job queued")
         assert live.metric("cascade_inflight_jobs") == 2
+        assert live.metric("cascade_active_images", stage="prior") == 2
         pipeline.gate.set()
         assert running.result().status_code == 200 and queued.result().status_code == 200
         assert live.client.post("/v1/generate", json={"prompt": ""}).status_code == 422
@@ -91,7 +97,18 @@ def test_every_metric_is_exported_with_plausible_values(tiny_pipeline: Any) -> N
         and value("cascade_batch_size_images_sum") == 3
     )
     assert value("cascade_batch_size_images_bucket", le="1.0") == 1
-    assert value("cascade_batches_total", outcome="ok") == 2
+    # one call per admission (2), per step (6 + 4 steps, for each of the 2 sizes), per decode (2)
+    assert value("cascade_steps_total", stage="prior") == 12
+    assert value("cascade_steps_total", stage="decoder") == 8
+    assert value("cascade_batches_total", outcome="ok") == 2 + 20 + 2
+    assert value("cascade_step_batch_images_count", stage="prior") == 12
+    assert value("cascade_step_batch_images_sum", stage="prior") == 6 * 2 + 6 * 1
+    assert value("cascade_time_to_first_step_seconds_count") == 2
+    assert value("cascade_time_to_first_step_seconds_sum") > 0
+    for stage in ("prior", "decoder", "vqgan"):
+        assert value("cascade_active_images", stage=stage) == 0
+    for cause in ("disconnect", "request", "deadline"):
+        assert f'cascade_cancelled_total{{cause="{cause}"}} 0.0' in text
     assert value("cascade_images_generated_total") == 3
     assert value("cascade_rejected_requests_total", reason="invalid") == 1
     assert value("cascade_queue_depth") == 0 and value("cascade_inflight_jobs") == 0

@@ -68,3 +68,27 @@ def test_unknown_variables_are_warned_about(caplog: pytest.LogCaptureFixture) ->
 def test_every_field_has_an_env_name_and_a_description() -> None:
     assert "CASCADE_DRAIN_TIMEOUT_S" in env_names() and "CASCADE_WEIGHTS_DIR" in env_names()
     assert all(field.description for field in Settings.model_fields.values())
+
+
+def test_keep_alive_outlasts_the_idle_timeouts_in_front(monkeypatch) -> None:
+    """uvicorn closes idle connections after CASCADE_KEEP_ALIVE_S; nginx's upstream keep-alive
+    (60 s by default, docker/nginx.conf sets none) and httpx's pool (5 s) must give up first, or a
+    request sent as the server closes gets no answer (bench/keepalive_race.py)."""
+    import service.__main__ as main_module
+
+    captured: dict = {}
+
+    class Stop(Exception):
+        pass
+
+    def config(app, **kwargs):
+        captured.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(main_module.uvicorn, "Config", config)
+    with pytest.raises(Stop):
+        main_module.serve(Settings(), lambda _: None)
+    assert captured["timeout_keep_alive"] == Settings().keep_alive_s == 75 > 60 > 5
+    nginx = (Path(__file__).resolve().parents[2] / "docker" / "nginx.conf").read_text()
+    assert "keepalive_timeout" not in nginx
+    assert Settings.from_env({"CASCADE_KEEP_ALIVE_S": "120"}).keep_alive_s == 120

@@ -43,7 +43,7 @@ def slow_server() -> Iterator[tuple[subprocess.Popen[str], str]]:
         port=str(port), max_batch_images="1", drain_timeout_s="60", max_batch_wait_ms="1"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.service.slow_server", "0.6"],
+        [sys.executable, "-m", "tests.service.slow_server", "0.15"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -89,6 +89,11 @@ def test_sigterm_drains_queued_and_running_jobs_then_exits_0(
         refused = httpx.post(url + "/v1/generate", json={"prompt": "too late"})
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
         assert "retry-after" in refused.headers
+        # Worded for a load-balanced deployment and for a single server alike.
+        message = refused.json()["error"]["message"]
+        assert "another replica" in message and "once restarted" in message
+        alive = httpx.get(url + "/health/live")  # still alive, and saying the same as readiness
+        assert alive.status_code == 200 and alive.json()["status"] == "draining"
         responses = [f.result() for f in futures]
     assert [r.status_code for r in responses] == [200, 200, 200]
     assert sorted(r.json()["seed"] for r in responses) == [0, 1, 2]

@@ -98,15 +98,6 @@ class JobState:
         counts, shifts, guidance and the step each row is at may differ."""
         return (self.stage.value, tuple(self.x.shape[1:]))
 
-    @property
-    def steps_done(self) -> int:
-        """Denoising steps done over both stages."""
-        if self.stage is Stage.PRIOR:
-            return self.position.step
-        if self.stage is Stage.DECODER:
-            return self.params.prior_steps + self.position.step
-        return self.params.prior_steps + self.params.decoder_steps
-
 
 @dataclass(frozen=True)
 class StepEvent:

@@ -67,6 +67,16 @@ class Job:
         return self.params.batch_key()
 
     @property
+    def group(self) -> Hashable | None:
+        """The engine's group key while the job has a denoising step to run, else None (what
+        scheduling_policy.choose_group reads, with ``stage``, ``step``, ``total`` and ``size``)."""
+        return self.work.group_key if self.stage in ("prior", "decoder") else None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (self.params.width, self.params.height)
+
+    @property
     def started(self) -> bool:
         """True once the job's first denoising step has run (the deadline no longer applies)."""
         return self.first_step_at is not None

@@ -97,12 +97,7 @@ class Scheduler:
             self._drop_answered()
         await self._admit()
         self._drop_answered()
-        group = [
-            view.job
-            for view in policy.choose_group(
-                [_View(job) for job in self.active], self.max_batch_images
-            )
-        ]
+        group = policy.choose_group(self.active, self.max_batch_images)
         if group:
             await self._isolating(self._capped(group), self._step)
         self._publish()
@@ -163,7 +158,7 @@ class Scheduler:
                 self.metrics.time_to_first_step.observe(now - job.enqueued_at)
             job.batch_images = max(job.batch_images, images)
             job.step, job.total = event.step, event.total
-            if event.step == event.total:  # the state moved on to its next stage
+            if event.finished_stage:  # the state moved on to its next stage
                 job.stage = event.state.stage.value
                 job.step = 0
                 job.total = job.params.decoder_steps if job.stage == "decoder" else 0
@@ -216,7 +211,7 @@ class Scheduler:
                 f"{exc.message}; retry with fewer images or a smaller size"
             )
             if call == self._step and len(jobs) > 1:
-                self._caps[_View(jobs[0]).group] = _Cap(max(1, len(jobs) // 2))
+                self._caps[jobs[0].group] = _Cap(max(1, len(jobs) // 2))
         except Exception as exc:  # noqa: BLE001 (isolated below: only the failing job fails)
             self.metrics.batches.labels("error").inc()
             logger.warning("a call for %d job(s) failed: %r", len(jobs), exc)
@@ -243,7 +238,7 @@ class Scheduler:
     def _capped(self, group: list[Job]) -> list[Job]:
         """The oldest jobs of ``group`` within the cap an out-of-memory error left on it. A cap
         is lifted after CAP_STEPS good steps, to try the full size again."""
-        key = _View(group[0]).group
+        key = group[0].group
         cap = self._caps.get(key)
         if cap is None:
             return group
@@ -287,43 +282,6 @@ class Scheduler:
 class _Cap:
     images: int
     steps: int = 0
-
-
-class _View:
-    """A job as scheduling_policy.choose_group sees it."""
-
-    __slots__ = ("job",)
-
-    def __init__(self, job: Job) -> None:
-        self.job = job
-
-    @property
-    def images(self) -> int:
-        return self.job.images
-
-    @property
-    def order(self) -> int:
-        return self.job.order
-
-    @property
-    def group(self) -> Any:
-        return self.job.work.group_key if self.job.stage in ("prior", "decoder") else None
-
-    @property
-    def stage(self) -> str:
-        return self.job.stage
-
-    @property
-    def step(self) -> int:
-        return self.job.step
-
-    @property
-    def total(self) -> int:
-        return self.job.total
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return (self.job.params.width, self.job.params.height)
 
 
 def _deadline_message(job: Job, now: float) -> str:

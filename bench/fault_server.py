@@ -64,6 +64,9 @@ class FaultyPipeline:
             raise torch.OutOfMemoryError("injected: CUDA out of memory. Tried to allocate 2.00 GiB")
         return self.inner.step(states, previews=previews)
 
+    def preview(self, latents: Sequence[Any]) -> list[Any]:
+        return self.inner.preview(latents)
+
     def decode(self, states: Sequence[Any]) -> list[Any]:
         rows, row = [], 0
         for state in states:

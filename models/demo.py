@@ -84,6 +84,8 @@ def load_demo_pipeline(
     # The text tower is tiny: keep it in float32 whatever the networks' dtype.
     text_encoder = TextEncoder.from_pretrained(folder, device=device, dtype=torch.float32)
     limits = meta["limits"]
+    preview_file = folder / "previewer.safetensors"  # optional: without it, no previews
+    previewer = weights.load_previewer(preview_file, device=device) if preview_file.exists() else None
     return CascadePipeline(
         stage_c,
         stage_b,
@@ -102,4 +104,5 @@ def load_demo_pipeline(
         device=device,
         dtype=dtype,
         cuda_graphs=cuda_graphs,
+        previewer=previewer,
     )

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from models.config import StageAConfig, StageBConfig
 from models.cuda_graphs import GraphCache
@@ -99,6 +99,7 @@ class CascadePipeline:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         cuda_graphs: bool = False,
+        previewer: nn.Module | None = None,
     ) -> None:
         self.device = torch.device(device)
         # Stage C / Stage B forwards replayed as CUDA graphs (models/cuda_graphs.py); CUDA only.
@@ -111,6 +112,10 @@ class CascadePipeline:
         self.stage_b = stage_b.to(self.device).eval().requires_grad_(False)
         self.stage_a = stage_a.to(self.device).eval().requires_grad_(False)
         self.text_encoder = text_encoder
+        # Stage C latent -> rough RGB (models/previewer.py); None: no previews.
+        self.previewer = (
+            previewer.to(self.device).eval().requires_grad_(False) if previewer else None
+        )
         self.engine = StepEngine(
             self.stage_c,
             self.stage_b,
@@ -130,6 +135,7 @@ class CascadePipeline:
             "device": str(self.device),
             "dtype": str(dtype).removeprefix("torch."),
             "cuda_graphs": self.graphs is not None,
+            "previews": self.previewer is not None,
             **(model_info or {}),
         }
 
@@ -185,6 +191,12 @@ class CascadePipeline:
             # Stage A keeps float32 weights as in the official inference (it still runs under autocast).
             weights.load_stage_a(files.stage_a, device=device, dtype=torch.float32),
             TextEncoder.from_pretrained(text_root, device=device, dtype=dtype),
+            # The Previewer is optional (``previewer.safetensors``): without it there are no previews.
+            previewer=(
+                weights.load_previewer(files.previewer, device=device, dtype=torch.float32)
+                if files.previewer is not None
+                else None
+            ),
             model_info={
                 "name": f"stable-cascade-{prior_variant}-{decoder_variant}",
                 "demo": False,
@@ -240,6 +252,29 @@ class CascadePipeline:
     ) -> list[GenerationResult | NonFiniteOutput]:
         """Stage A for finished states (see StepEngine.decode)."""
         return self.engine.decode(states, output_type)
+
+    @torch.inference_mode()
+    def preview(self, latents: Sequence[Tensor]) -> list[Tensor]:
+        """Rough pictures of Stage C latents (e.g. a StepEvent's x0) through the Previewer: each
+        [n, c, h, w] -> uint8 [n, 3, 8h, 8w] on the CPU, one forward per latent shape. Raises
+        RuntimeError when this pipeline has no Previewer (``model_info["previews"]`` is False)."""
+        if self.previewer is None:
+            raise RuntimeError("this pipeline has no Previewer (previewer.safetensors)")
+        latents = list(latents)
+        out: list[Tensor | None] = [None] * len(latents)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, latent in enumerate(latents):
+            by_shape.setdefault(tuple(latent.shape[1:]), []).append(i)
+        for members in by_shape.values():
+            batch = torch.cat([latents[i] for i in members]).to(self.device, torch.float32)
+            pictures = self.previewer(batch).float().clamp(0.0, 1.0).mul(255).round()
+            pictures = pictures.to(torch.uint8).cpu()
+            offset = 0
+            for i in members:
+                n = latents[i].shape[0]
+                out[i] = pictures[offset : offset + n]
+                offset += n
+        return [picture for picture in out if picture is not None]
 
     @torch.inference_mode()
     def generate(

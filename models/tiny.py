@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.config import StageAConfig, StageBConfig, StageCConfig
+from models.config import PreviewerConfig, StageAConfig, StageBConfig, StageCConfig
 from models.pipeline import CascadePipeline, Limits
+from models.previewer import Previewer
 from models.request import SamplingDefaults
 from models.stage_a import StageA
 from models.stage_b import StageB
@@ -40,7 +41,9 @@ def build_tiny_text_encoder(
 ) -> TextEncoder:
     """Byte tokenizer + CLIPTextModelWithProjection (width 32, projection 32, 4 heads)."""
     tokenizer = build_byte_tokenizer()
-    model = random_clip_text_model(tokenizer, width=32, layers=num_layers, heads=4, mlp=64, seed=seed)
+    model = random_clip_text_model(
+        tokenizer, width=32, layers=num_layers, heads=4, mlp=64, seed=seed
+    )
     return TextEncoder(tokenizer, model, device=device)
 
 
@@ -49,6 +52,7 @@ def build_tiny_pipeline(seed: int = 0, device: torch.device | str = "cpu") -> Ca
     stage_c = randomize_(StageC(StageCConfig.tiny()), seed * 10 + 1, 0.05)
     stage_b = randomize_(StageB(StageBConfig.tiny()), seed * 10 + 2, 0.05)
     stage_a = randomize_(StageA(StageAConfig.tiny()), seed * 10 + 3, 0.1)
+    previewer = Previewer(PreviewerConfig(c_in=stage_c.config.c_in, c_hidden=32))
     return CascadePipeline(
         stage_c,
         stage_b,
@@ -65,4 +69,5 @@ def build_tiny_pipeline(seed: int = 0, device: torch.device | str = "cpu") -> Ca
         },
         device=device,
         dtype=torch.float32,
+        previewer=randomize_(previewer, seed * 10 + 4, 0.1),
     )

@@ -26,21 +26,24 @@ from service.auth import install_auth, read_authorization
 from service.engine import Pipeline, load_pipeline
 from service.errors import InternalError, InvalidJson, InvalidRequest, ServiceError
 from service.imaging import encode_b64_png, encode_png
+from service.jobs import JobResult
 from service.metrics import Metrics
 from service.middleware import RequestMiddleware
 from service.openapi import install_openapi
 from service.responses import (
     build_params,
     encode_each,
-    json_response,
     png_response,
     prompt_warnings,
+    response_body,
     timings_of,
     wants_png,
+    warning_header,
 )
 from service.runtime import Runtime
 from service.schemas import ErrorResponse, GenerateRequest, GenerateResponse, Health, RequestState
 from service.settings import Settings
+from service.streaming import event_stream, every_k_steps, wants_stream
 
 logger = logging.getLogger("service.app")
 
@@ -87,7 +90,14 @@ PNG_200: dict[str, Any] = {
     "PNG with X-Seed, X-Prompt-Truncated, X-Demo-Weights and Server-Timing headers. Either way, "
     "X-Cascade-Warning (only when there is one) repeats the body's warnings on one ASCII line: "
     "the demo model's notice that a prompt is outside what it was trained on",
-    "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+    "content": {
+        "image/png": {"schema": {"type": "string", "format": "binary"}},
+        "text/event-stream": {
+            "schema": {"type": "string"},
+            "description": "stream=true or Accept: text/event-stream: Server-Sent Events "
+            "queued, started, step, preview, then result (this route's JSON body) or error",
+        },
+    },
     "headers": {
         "X-Cascade-Warning": {
             "description": "The warnings of the request, on one ASCII line; absent when none",
@@ -95,6 +105,10 @@ PNG_200: dict[str, Any] = {
         }
     },
 }
+NO_PREVIEWER = (
+    "previews are off: the loaded model has no Previewer (previewer.safetensors in "
+    "CASCADE_WEIGHTS_DIR); the stream carries progress events only"
+)
 HEALTH_BODY = (
     "Both health routes return the same body, a snapshot of the server (status, ready, model, "
     "demo_weights, queue_depth, inflight_jobs, message); only their status codes differ."
@@ -135,10 +149,43 @@ def create_app(
     async def generate(body: GenerateRequest, request: Request) -> Response:
         received_at: float = getattr(request.state, "received_at", time.monotonic())
         engine = runtime.accepting()
-        raw_png = wants_png(body.response_format, request.headers.get("accept", ""))
+        accept = request.headers.get("accept", "")
+        streaming = wants_stream(body.stream, accept)
+        if streaming and body.response_format == "png":
+            raise InvalidRequest(
+                "a stream carries its images as base64 in its result event: leave out "
+                "response_format=png (or stream=false for a raw image/png body)",
+                field="response_format",
+            )
+        raw_png = not streaming and wants_png(body.response_format, accept)
         params = build_params(body, engine, settings, raw_png)
         warnings = prompt_warnings(body, engine.model_info)
-        job = runtime.submit(params, body.timeout_s, request.state.request_id, _owner(request))
+        preview_steps = frozenset[int]()
+        if body.preview_every is not None:
+            if not streaming:
+                raise InvalidRequest(
+                    "previews are sent as events of a stream: add stream=true (or Accept: "
+                    "text/event-stream), or leave out preview_every",
+                    field="preview_every",
+                )
+            if engine.previews:
+                preview_steps = every_k_steps(body.preview_every, params.prior_steps)
+            else:
+                warnings.append(NO_PREVIEWER)
+        request_id = request.state.request_id
+        job = runtime.submit(params, body.timeout_s, request_id, _owner(request), preview_steps)
+
+        async def b64_body(done: JobResult) -> dict[str, Any]:
+            b64, seconds = await encode_each(runtime.encode, encode_b64_png, done.result.images)
+            metrics.encode_duration.labels("b64_json").observe(seconds)
+            timings = timings_of(done, seconds, received_at)
+            return response_body(done, b64, timings, engine.model_info, request_id, warnings)
+
+        if streaming:
+            request.state.outcome = "stream"
+            response = event_stream(runtime, job, metrics, b64_body)
+            response.headers.update(warning_header(warnings))
+            return response
         done = await runtime.wait(job, request.receive)
         request.state.outcome = "ok"
         if raw_png:
@@ -146,12 +193,7 @@ def create_app(
             metrics.encode_duration.labels("png").observe(seconds)
             timings = timings_of(done, seconds, received_at)
             return png_response(done, png, timings, engine.model_info, warnings)
-        b64, seconds = await encode_each(runtime.encode, encode_b64_png, done.result.images)
-        metrics.encode_duration.labels("b64_json").observe(seconds)
-        timings = timings_of(done, seconds, received_at)
-        return json_response(
-            done, b64, timings, engine.model_info, request.state.request_id, warnings
-        )
+        return JSONResponse(await b64_body(done), headers=warning_header(warnings))
 
     @app.get(
         "/v1/requests/{request_id}",

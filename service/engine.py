@@ -45,6 +45,8 @@ class Pipeline(Protocol):
 
     def decode(self, states: Sequence[Any]) -> list[GenerationResult | NonFiniteOutput]: ...
 
+    def preview(self, latents: Sequence[Any]) -> list[Any]: ...
+
 
 def _images(states: Sequence[Any]) -> int:
     return sum(int(getattr(s, "images", 1)) for s in states)
@@ -168,10 +170,39 @@ class Engine:
         batch = list(batch)
         return await self._run(lambda: self.pipeline.start(batch), sum(p.num_images for p in batch))
 
-    async def step(self, states: Sequence[Any]) -> list[Any]:
-        """One denoising step of a group sharing one group key: the engine's StepEvents."""
+    @property
+    def previews(self) -> bool:
+        """Whether the model can draw previews (it has a Previewer)."""
+        return bool(self.pipeline.model_info.get("previews"))
+
+    async def step(
+        self, states: Sequence[Any], previews: Sequence[bool] | None = None
+    ) -> tuple[list[Any], list[torch.Tensor | None]]:
+        """One denoising step of a group sharing one group key: the engine's StepEvents, and for
+        each state whose ``previews`` flag is set a uint8 [n, 3, h, w] preview of its Stage C x0
+        (None for the others, and for all when the model has no Previewer). A preview that fails
+        is logged and left out: the step itself has happened and must not be retried."""
         states = list(states)
-        return await self._run(lambda: self.pipeline.step(states), _images(states))
+        wanted = list(previews or [False] * len(states))
+        want_any = self.previews and any(wanted)
+
+        def call() -> tuple[list[Any], list[torch.Tensor | None]]:
+            events = self.pipeline.step(states, previews=want_any)
+            pictures: list[torch.Tensor | None] = [None] * len(states)
+            rows = [
+                i for i, w in enumerate(wanted) if w and getattr(events[i], "x0", None) is not None
+            ]
+            if want_any and rows:
+                try:
+                    drawn = self.pipeline.preview([events[i].x0 for i in rows])
+                except Exception:  # a preview is optional; the step stands
+                    logger.exception("drawing %d preview(s) failed", len(rows))
+                    drawn = []
+                for i, picture in zip(rows, drawn, strict=False):
+                    pictures[i] = picture
+            return events, pictures
+
+        return await self._run(call, _images(states))
 
     async def decode(self, states: Sequence[Any]) -> list[GenerationResult | NonFiniteOutput]:
         """Stage A for finished states: one result (or NonFiniteOutput) per state."""
@@ -205,7 +236,7 @@ class Engine:
         params = GenerationParams.from_defaults(self.defaults, "warm-up")
         states = await self.start([params])
         while states[0].stage in (Stage.PRIOR, Stage.DECODER):
-            await self.step(states)
+            await self.step(states, [self.previews])  # previews too: their first call is slow
         results = await self.decode(states)
         if not results or isinstance(results[0], Exception):
             logger.warning("warm-up generation gave no image: %r", results)

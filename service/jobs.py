@@ -39,6 +39,17 @@ class JobResult:
     first_step: float  # seconds from enqueue to the end of the first step
 
 
+@dataclass
+class Progress:
+    """One event in a job's life, for whoever streams it (service/streaming.py): ``type`` is
+    queued (``queue_position``), started, step (``stage``, ``step``, ``total``: steps done of
+    that stage), preview (the same plus ``images``, uint8 [n, 3, h, w]), then result
+    (``result``: JobResult) or error (``error``: the exception); heartbeat carries nothing."""
+
+    type: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass(eq=False)
 class Job:
     params: GenerationParams
@@ -57,6 +68,9 @@ class Job:
     work: Any = None  # the engine's JobState once admitted (opaque here: no torch)
     batch_images: int = 0
     outcome: str | None = None  # once done: "done", "failed" or "cancelled"
+    preview_steps: frozenset[int] = frozenset()  # Stage C steps done after which to draw a preview
+    reported_position: int | None = None  # the queue position last published
+    _listeners: list[asyncio.Queue[Progress]] = field(default_factory=list, repr=False)
 
     @property
     def images(self) -> int:
@@ -84,6 +98,30 @@ class Job:
     @property
     def done(self) -> bool:
         return self.future.done()
+
+    @property
+    def watched(self) -> bool:
+        """Someone streams this job's progress (nobody computes events for jobs without)."""
+        return bool(self._listeners)
+
+    def wants_preview(self, steps_done: int) -> bool:
+        """Whether a preview is due once Stage C has ``steps_done`` steps done."""
+        return self.stage == "prior" and steps_done in self.preview_steps and self.watched
+
+    def listen(self) -> asyncio.Queue[Progress]:
+        """A channel that receives every event published from now on (unbounded: events are
+        few, a handful per step)."""
+        channel: asyncio.Queue[Progress] = asyncio.Queue()
+        self._listeners.append(channel)
+        return channel
+
+    def unlisten(self, channel: asyncio.Queue[Progress]) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(channel)
+
+    def publish(self, type: str, **data: Any) -> None:
+        for channel in self._listeners:
+            channel.put_nowait(Progress(type, data))
 
     def cancel(self, error: ServiceError) -> bool:
         """Answer ``error`` now, queued or running; the scheduler frees its rows at the next step

@@ -33,13 +33,30 @@ def install_openapi(app: FastAPI, runtime: Runtime, settings: Settings) -> None:
         # no control characters but tab and newlines; the prompt also not blank
         _constrain(fields["prompt"], pattern=f"^{_TEXT}*{_VISIBLE}{_TEXT}*$")
         _constrain(fields["negative_prompt"], pattern=f"^{_TEXT}*$")
-        # raw PNG holds one image
+        # raw PNG holds one image; a stream carries base64 images and is the only place for
+        # previews (Accept: text/event-stream also asks for a stream: the schema cannot say so)
         request = schema["components"]["schemas"]["GenerateRequest"]
-        request["if"] = {
-            "properties": {"response_format": {"const": "png"}},
-            "required": ["response_format"],
-        }
-        request["then"] = {"properties": {"num_images": {"maximum": 1}}}
+        request["allOf"] = [
+            {
+                "if": {
+                    "properties": {"response_format": {"const": "png"}},
+                    "required": ["response_format"],
+                },
+                "then": {
+                    "properties": {
+                        "num_images": {"maximum": 1},
+                        "stream": {"const": False},
+                    }
+                },
+            },
+            {
+                "if": {
+                    "properties": {"preview_every": {"type": "integer"}},
+                    "required": ["preview_every"],
+                },
+                "then": {"properties": {"stream": {"const": True}}, "required": ["stream"]},
+            },
+        ]
         max_images = settings.max_batch_images
         if runtime.engine is not None:
             limits = runtime.engine.pipeline.limits

@@ -8,7 +8,7 @@ import asyncio
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi.responses import JSONResponse, Response
 
@@ -156,6 +156,20 @@ def json_response(
     request_id: str,
     warnings: list[str],
 ) -> JSONResponse:
+    body = response_body(done, b64_images, timings, model, request_id, warnings)
+    return JSONResponse(body, headers=warning_header(warnings))
+
+
+def response_body(
+    done: JobResult,
+    b64_images: list[str],
+    timings: Timings,
+    model: dict[str, str | bool],
+    request_id: str,
+    warnings: list[str],
+) -> dict[str, Any]:
+    """The GenerateResponse of a finished job, as a dict (the JSON body, and the data of a
+    stream's result event)."""
     images = done.result.images  # uint8 [n, 3, H, W]
     body = GenerateResponse(
         id=request_id,
@@ -174,7 +188,7 @@ def json_response(
         warnings=warnings,
         timings=timings,
     )
-    return JSONResponse(body.model_dump(), headers=warning_header(warnings))
+    return body.model_dump()
 
 
 def png_response(

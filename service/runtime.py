@@ -12,7 +12,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -28,13 +28,14 @@ from service.errors import (
     RequestIdInUse,
 )
 from service.job_registry import Finished, JobRegistry
-from service.jobs import Job, JobQueue, JobResult
+from service.jobs import Job, JobQueue, JobResult, Progress
 from service.metrics import Metrics
 from service.scheduler import Scheduler
 from service.settings import Settings
 
 logger = logging.getLogger("service.runtime")
 T = TypeVar("T")
+HEARTBEAT_S = 15.0  # a stream with no news for this long gets a comment line (keeps proxies open)
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 
@@ -132,6 +133,7 @@ class Runtime:
         timeout_s: float | None,
         request_id: str,
         owner: str | None = None,
+        preview_steps: frozenset[int] = frozenset(),
     ) -> Job:
         """Queue a validated request; raises Draining/NotReady (503), QueueFull (503) or
         RequestIdInUse (409, a client-chosen id of a request still in flight)."""
@@ -146,7 +148,7 @@ class Runtime:
         future = asyncio.get_running_loop().create_future()
         job = Job(
             params, future, deadline=now + budget, request_id=request_id, owner=owner,
-            enqueued_at=now,
+            enqueued_at=now, preview_steps=preview_steps,
         )  # fmt: skip
         self.queue.put(job)
         self.inflight.add(job)
@@ -200,24 +202,11 @@ class Runtime:
             await asyncio.wait(
                 {job.future, watcher}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
             )
-            if not job.future.done() and not watcher.done():
-                if job.expire(
-                    DeadlineExceeded(
-                        "the request did not start within its "
-                        f"{job.deadline - job.enqueued_at:.1f}s deadline (the server is busy); "
-                        "retry later"
-                    )
-                ):
-                    self.metrics.cancelled.labels("deadline").inc()
-                    self.metrics.queue_wait.observe(time.monotonic() - job.enqueued_at)
-                else:  # already stepping: the deadline no longer applies
-                    await asyncio.wait({job.future, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not job.future.done() and not watcher.done() and not self._expire(job):
+                # already stepping: the deadline no longer applies
+                await asyncio.wait({job.future, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if not job.future.done():  # the client is gone
-                running = job.admitted_at is not None
-                job.cancel(ClientDisconnected("client disconnected before its request finished"))
-                self.metrics.cancelled.labels("disconnect").inc()
-                if not running:
-                    self.metrics.queue_wait.observe(time.monotonic() - job.enqueued_at)
+                self._disconnected(job)
             return job.future.result()
         except asyncio.CancelledError:
             # the server cancelled the request task (shutdown timeout): stop computing its job
@@ -225,6 +214,68 @@ class Runtime:
             raise
         finally:
             watcher.cancel()
+
+    async def stream(self, job: Job) -> AsyncIterator[Progress]:
+        """The job's progress as it happens: queued (with its position), started, every step,
+        previews, and last its result or error; a heartbeat after HEARTBEAT_S without news. The
+        deadline applies until the first step, as in ``wait``. A consumer that stops early (the
+        client closed the stream) cancels the job: its rows are freed at the next step."""
+        channel = job.listen()
+        news: asyncio.Future[Progress] | None = None
+        try:
+            position = self.queue.position(job)
+            if position is not None:
+                job.reported_position = position
+                yield Progress("queued", {"queue_position": position})
+            while not job.future.done():
+                news = asyncio.ensure_future(channel.get())
+                remaining = max(0.0, job.deadline - time.monotonic())
+                at_deadline = not job.started and remaining < HEARTBEAT_S
+                timeout = remaining if at_deadline else HEARTBEAT_S
+                await asyncio.wait(
+                    {news, job.future}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                if news.done():
+                    yield news.result()
+                    continue
+                news.cancel()
+                if job.future.done():
+                    break
+                if not (at_deadline and self._expire(job)):
+                    yield Progress("heartbeat")
+            while not channel.empty():  # what was published before the answer
+                yield channel.get_nowait()
+            error = job.future.exception()
+            if error is None:
+                yield Progress("result", {"result": job.future.result()})
+            else:
+                yield Progress("error", {"error": error})
+        finally:
+            if news is not None:
+                news.cancel()
+            job.unlisten(channel)
+            if not job.future.done():
+                self._disconnected(job)
+
+    def _expire(self, job: Job) -> bool:
+        """At the job's deadline: answer 504 unless it has had its first step; True if so."""
+        expired = job.expire(
+            DeadlineExceeded(
+                "the request did not start within its "
+                f"{job.deadline - job.enqueued_at:.1f}s deadline (the server is busy); retry later"
+            )
+        )
+        if expired:
+            self.metrics.cancelled.labels("deadline").inc()
+            self.metrics.queue_wait.observe(time.monotonic() - job.enqueued_at)
+        return expired
+
+    def _disconnected(self, job: Job) -> None:
+        running = job.admitted_at is not None
+        if job.cancel(ClientDisconnected("client disconnected before its request finished")):
+            self.metrics.cancelled.labels("disconnect").inc()
+            if not running:
+                self.metrics.queue_wait.observe(time.monotonic() - job.enqueued_at)
 
     async def encode(self, fn: Callable[..., T], *args: Any) -> T:
         """Run CPU-heavy encoding in the encode thread pool."""

@@ -96,6 +96,7 @@ class Scheduler:
             await self._isolating(finished, self._decode)
             self._drop_answered()
         await self._admit()
+        self._report_positions()
         self._drop_answered()
         group = policy.choose_group(self.active, self.max_batch_images)
         if group:
@@ -143,21 +144,29 @@ class Scheduler:
             job.step, job.total = 0, job.params.prior_steps
             if not job.done:
                 self.active.append(job)
+                job.publish("started", stage=job.stage, total=job.total)
 
     # ---- stepping ----
 
     async def _step(self, jobs: list[Job]) -> None:
         images = sum(job.images for job in jobs)
         stage = jobs[0].stage
-        events = await self.engine.step([job.work for job in jobs])
+        previews = [job.wants_preview(job.step + 1) for job in jobs]
+        events, pictures = await self.engine.step([job.work for job in jobs], previews)
         now = self.clock()
         self.metrics.observe_step(stage, images)
-        for job, event in zip(jobs, events, strict=True):
+        for job, event, picture in zip(jobs, events, pictures, strict=True):
             if job.first_step_at is None:
                 job.first_step_at = now
                 self.metrics.time_to_first_step.observe(now - job.enqueued_at)
             job.batch_images = max(job.batch_images, images)
             job.step, job.total = event.step, event.total
+            if job.watched:
+                job.publish("step", stage=stage, step=event.step, total=event.total)
+                if picture is not None:
+                    job.publish(
+                        "preview", stage=stage, step=event.step, total=event.total, images=picture
+                    )
             if event.finished_stage:  # the state moved on to its next stage
                 job.stage = event.state.stage.value
                 job.step = 0
@@ -259,6 +268,14 @@ class Scheduler:
         for job in policy.expired(self.active, now):
             if job.expire(DeadlineExceeded(_deadline_message(job, now))):
                 self.metrics.cancelled.labels("deadline").inc()
+
+    def _report_positions(self) -> None:
+        """Tell streaming clients whose place in the queue changed (jobs ahead were admitted or
+        left)."""
+        for position, job in enumerate(self.queue):
+            if job.watched and job.reported_position != position:
+                job.reported_position = position
+                job.publish("queued", queue_position=position)
 
     def _drop_answered(self) -> None:
         """Jobs answered from outside (cancel, disconnect, deadline) leave: their rows are not in

@@ -52,6 +52,26 @@ class GenerateRequest(BaseModel):
         ge=0.1,
         description="Shortens the server's deadline for this request to start computing (seconds).",
     )
+    stream: bool = Field(
+        False,
+        description="true: answer with Server-Sent Events (text/event-stream) reporting the "
+        "queue position, every step and previews, then the result (the JSON body) or the error; "
+        "also chosen by Accept: text/event-stream. See the route's description.",
+    )
+    preview_every: int | None = Field(
+        None,
+        ge=1,
+        description="Streams only: a preview picture (the Previewer's rendering of the Stage C "
+        "prediction) every this many Stage C steps, and after the last. Ignored with a warning "
+        "when the model has no Previewer.",
+    )
+
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _json_bool(cls, value: object) -> object:
+        if not isinstance(value, bool):
+            raise ValueError("must be true or false (a JSON boolean)")  # noqa: TRY004
+        return value
 
     @field_validator("prompt")
     @classmethod
@@ -70,6 +90,7 @@ class GenerateRequest(BaseModel):
         "decoder_steps",
         "decoder_guidance_scale",
         "timeout_s",
+        "preview_every",
         mode="before",
     )
     @classmethod

@@ -84,6 +84,9 @@ class FaultyPipeline:
             raise RuntimeError("injected failure")
         return self.inner.step(states, previews=previews)
 
+    def preview(self, latents: Sequence[Any]) -> list[Any]:
+        return self.inner.preview(latents)
+
     def decode(self, states: Sequence[Any]) -> list[GenerationResult | NonFiniteOutput]:
         warm, self._warm = self._warm, True
         results = self.inner.decode(states)

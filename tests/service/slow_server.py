@@ -34,6 +34,9 @@ class SlowPipeline:
             time.sleep(self.delay_s)
         return self.inner.step(states, previews=previews)
 
+    def preview(self, latents: Sequence[Any]) -> list[Any]:
+        return self.inner.preview(latents)
+
     def decode(self, states: Sequence[Any]) -> list[Any]:
         self.warm = True
         return self.inner.decode(states)

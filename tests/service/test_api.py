@@ -246,7 +246,11 @@ def test_openapi_documents_every_route_and_error(api: LiveServer) -> None:
         schema = responses[code]["content"]["application/json"]["schema"]
         assert schema["$ref"].endswith("/ErrorResponse"), code
     assert "Retry-After" in responses["503"]["headers"]
-    assert set(responses["200"]["content"]) == {"application/json", "image/png"}
+    assert set(responses["200"]["content"]) == {
+        "application/json",
+        "image/png",
+        "text/event-stream",
+    }
     assert responses["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
         "/GenerateResponse"
     )

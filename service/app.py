@@ -8,7 +8,6 @@ Runtime.wait (504 / disconnect) -> PNG encoding (thread pool) -> JSON or image/p
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -22,13 +21,15 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.access_log import install_access_log
-from service.auth import install_auth, read_authorization
+from service.auth import install_auth, request_owner
 from service.engine import Pipeline, load_pipeline
 from service.errors import InternalError, InvalidJson, InvalidRequest, ServiceError
 from service.imaging import encode_b64_png, encode_png
 from service.jobs import JobResult
 from service.metrics import Metrics
 from service.middleware import RequestMiddleware
+from service.openai_api import install_openai_routes
+from service.openai_errors import error_body, from_validation, is_openai_path
 from service.openapi import install_openapi
 from service.responses import (
     build_params,
@@ -279,6 +280,7 @@ def create_app(
             metrics.set_gpu_memory(runtime.engine.memory_stats())
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    install_openai_routes(app, runtime, settings, metrics)
     install_openapi(app, runtime, settings)
     endpoints = frozenset(r.path for r in app.routes if hasattr(r, "path"))
     # Last added is outermost: access log -> RequestMiddleware (413, metrics) -> API keys -> routes,
@@ -301,17 +303,16 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics, settings: Settings) -> N
             metrics.rejected.labels(error.reason).inc()
         if error.status == 500:
             logger.error("%s %s: %s", request.state.request_id, error.code, error.message)
-        body = {
-            "error": {
-                "code": error.code,
-                "message": error.message,
-                "field": error.field,
-                "request_id": getattr(request.state, "request_id", None),
-            }
-        }
-        return JSONResponse(
-            body, status_code=error.status, headers=error.headers(settings.retry_after_s)
+        # the OpenAI routes answer in OpenAI's shape (service/openai_errors.py), the others in ours
+        status, body = error_body(
+            request.url.path,
+            error.status,
+            error.code,
+            error.message,
+            error.field,
+            getattr(request.state, "request_id", None),
         )
+        return JSONResponse(body, status_code=status, headers=error.headers(settings.retry_after_s))
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
@@ -319,6 +320,8 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics, settings: Settings) -> N
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if is_openai_path(request.url.path):
+            return reply(request, from_validation(exc))
         return reply(request, _from_validation(exc))
 
     @app.exception_handler(StarletteHTTPException)
@@ -351,10 +354,7 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 def _owner(request: Request) -> str | None:
     """Who submitted a request, as a digest of its API key (None while keys are off): the only
     one who may see or cancel it."""
-    if not getattr(request.app.state, "auth_enabled", False):
-        return None
-    token = read_authorization(request.headers.raw).token or ""
-    return hashlib.sha256(token.encode()).hexdigest()[:32]
+    return request_owner(request)
 
 
 def _from_validation(exc: RequestValidationError) -> ServiceError:

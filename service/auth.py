@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from service.openai_errors import error_body
+
 logger = logging.getLogger("service.auth")
 
 Scope = dict[str, Any]
@@ -192,6 +194,15 @@ def read_authorization(headers: Iterable[tuple[bytes, bytes]]) -> Presented:
     return Presented(problem=f"missing API key: {_SEND}")
 
 
+def request_owner(request: Any) -> str | None:
+    """Who submitted a request (a Starlette request), as a digest of its API key; None while keys
+    are off: the only one who may see or cancel it (GET / DELETE /v1/requests/{id})."""
+    if not getattr(request.app.state, "auth_enabled", False):
+        return None
+    token = read_authorization(request.headers.raw).token or ""
+    return hashlib.sha256(token.encode()).hexdigest()[:32]
+
+
 class ApiKeyMiddleware:
     """ASGI middleware: 401 for protected paths without a valid bearer key; everything else passes.
 
@@ -230,16 +241,10 @@ async def _send_401(scope: Scope, send: Send, message: str) -> None:
         state["outcome"] = (
             "unauthorized"  # the outcome label RequestMiddleware records the request under
         )
-    body = json.dumps(
-        {
-            "error": {
-                "code": "unauthorized",
-                "message": message,
-                "field": "Authorization",
-                "request_id": request_id,
-            }
-        }
-    ).encode()
+    # OpenAI's error shape on the OpenAI-compatible routes (its client raises AuthenticationError)
+    path = str(scope.get("path", ""))
+    _, error = error_body(path, 401, "unauthorized", message, "Authorization", request_id)
+    body = json.dumps(error).encode()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),

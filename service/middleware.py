@@ -17,6 +17,7 @@ from typing import Any
 from starlette.datastructures import MutableHeaders
 
 from service.metrics import Metrics
+from service.openai_errors import error_body
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -72,7 +73,7 @@ class RequestMiddleware:
             if body_receive is None:
                 state["outcome"] = "too_large"
                 self.metrics.rejected.labels("too_large").inc()
-                await self._send_too_large(request_id, send_with_id)
+                await self._send_too_large(scope["path"], request_id, send_with_id)
             else:
                 await self.app(scope, body_receive, send_with_id)
         except Exception:
@@ -134,23 +135,18 @@ class RequestMiddleware:
             size += len(message.get("body", b""))
             more = message.get("more_body", False)
 
-    async def _send_too_large(self, request_id: str, send: Send) -> None:
-        body = json.dumps(
-            {
-                "error": {
-                    "code": "body_too_large",
-                    "message": f"the request body is larger than {self.max_body_bytes} bytes "
-                    "(CASCADE_MAX_BODY_BYTES); send a smaller body",
-                    "field": None,
-                    "request_id": request_id,
-                }
-            }
-        ).encode()
+    async def _send_too_large(self, path: str, request_id: str, send: Send) -> None:
+        message = (
+            f"the request body is larger than {self.max_body_bytes} bytes "
+            "(CASCADE_MAX_BODY_BYTES); send a smaller body"
+        )
+        status, error = error_body(path, 413, "body_too_large", message, None, request_id)
+        body = json.dumps(error).encode()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
         ]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
 

@@ -74,6 +74,7 @@ def install_openapi(app: FastAPI, runtime: Runtime, settings: Settings) -> None:
             max_images = min(max_images, limits.max_num_images)
             app.openapi_schema = schema  # final once the model is known
         _constrain(fields["num_images"], maximum=max_images)
+        _constrain_openai(schema, runtime, settings, max_images)
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -84,3 +85,37 @@ def _constrain(field: dict[str, Any], **constraints: Any) -> None:
     branches = [b for b in field.get("anyOf", [field]) if b.get("type") != "null"]
     for branch in branches:
         branch.update(constraints)
+
+
+def _constrain_openai(
+    schema: dict[str, Any], runtime: Runtime, settings: Settings, max_images: int
+) -> None:
+    """The same limits on the OpenAI route's request (service/openai_api.py), plus what only the
+    loaded model decides there: its id for ``model`` and its sizes, spelled out in ``size``'s
+    pattern. The OpenAI routes answer 400, never 422: FastAPI's default 422 is dropped."""
+    for path, operations in schema["paths"].items():
+        if path.startswith(("/v1/images/", "/v1/models")):
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+    request = schema["components"]["schemas"].get("ImageGenerationRequest")
+    if request is None:
+        return
+    fields = request["properties"]
+    for name in ("prompt", "negative_prompt"):
+        _constrain(fields[name], maxLength=settings.max_prompt_chars)
+    _constrain(fields["prompt"], pattern=f"^{_TEXT}*{_VISIBLE}{_TEXT}*$")
+    _constrain(fields["negative_prompt"], pattern=f"^{_TEXT}*$")
+    _constrain(fields["n"], maximum=max_images)
+    _constrain(fields["stream"], enum=[False])  # true is refused until streaming is available
+    if runtime.engine is None:
+        return
+    limits = runtime.engine.pipeline.limits
+    sizes = "|".join(
+        str(s) for s in range(limits.min_size, limits.max_size + 1) if s % limits.size_step == 0
+    )
+    _constrain(fields["size"], pattern=f"^(auto|({sizes})x({sizes}))$")
+    _constrain(fields["model"], enum=[str(runtime.engine.model_info.get("name"))])
+    for name in ("prior_steps", "decoder_steps"):
+        _constrain(fields[name], maximum=limits.max_steps)
+    for name in ("prior_guidance_scale", "decoder_guidance_scale"):
+        _constrain(fields[name], maximum=limits.max_guidance_scale)

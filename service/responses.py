@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi.responses import JSONResponse, Response
@@ -54,51 +54,90 @@ def build_params(
 ) -> GenerationParams:
     """Fill omitted fields from the model's defaults, pick a seed, and run every check;
     InvalidRequest (422)."""
-    if body.num_images > settings.max_batch_images:
-        raise InvalidRequest(
-            f"num_images={body.num_images} is over the limit of {settings.max_batch_images} "
-            "images per request (the server's CASCADE_MAX_BATCH_IMAGES setting, which also caps "
-            "a batch: the operator may raise it if the GPU memory allows)",
-            field="num_images",
-        )
+    check_num_images(body.num_images, settings)
     if raw_png and body.num_images > 1:
         raise InvalidRequest(
             "a raw image/png response holds one image: ask for num_images=1, or "
             "response_format=b64_json (and Accept: application/json) to get several",
             field="num_images",
         )
-    seed = body.seed
-    if seed is None:  # random, but every image's seed (seed + i) stays a seed the API accepts
-        seed = secrets.randbelow(MAX_SEED - body.num_images + 2)
-    elif seed + body.num_images - 1 > MAX_SEED:
+    given = {name: getattr(body, name) for name in _OPTIONAL_SAMPLING}
+    return validated_params(
+        engine,
+        settings,
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        num_images=body.num_images,
+        seed=body.seed,
+        sampling=given,
+    )
+
+
+def check_num_images(num_images: int, settings: Settings, name: str = "num_images") -> None:
+    """The server's cap on images per request; InvalidRequest naming ``name``."""
+    if num_images > settings.max_batch_images:
         raise InvalidRequest(
-            f"seed + num_images - 1 must be <= {MAX_SEED} (image i uses seed + i); "
-            f"got seed={seed} with num_images={body.num_images}",
+            f"{name}={num_images} is over the limit of {settings.max_batch_images} "
+            "images per request (the server's CASCADE_MAX_BATCH_IMAGES setting, which also caps "
+            "a batch: the operator may raise it if the GPU memory allows)",
+            field=name,
+        )
+
+
+def validated_params(
+    engine: Engine,
+    settings: Settings,
+    *,
+    prompt: str,
+    negative_prompt: str,
+    num_images: int,
+    seed: int | None,
+    sampling: Mapping[str, int | float | None],
+    names: Mapping[str, str] | None = None,
+) -> GenerationParams:
+    """The checks every generation route applies, in one place: images per request, the seed
+    range, prompt lengths, then the model's defaults for the ``sampling`` fields left None and
+    ``pipeline.validate``. Raises InvalidRequest (the route chooses its status).
+
+    ``names`` renames our fields for a route whose request calls them otherwise (the OpenAI
+    route: num_images -> n, width / height -> size); messages and ``field`` use those names.
+    """
+    names = names or {}
+    count = names.get("num_images", "num_images")
+    check_num_images(num_images, settings, count)
+    if seed is None:  # random, but every image's seed (seed + i) stays a seed the API accepts
+        seed = secrets.randbelow(MAX_SEED - num_images + 2)
+    elif seed + num_images - 1 > MAX_SEED:
+        raise InvalidRequest(
+            f"seed + {count} - 1 must be <= {MAX_SEED} (image i uses seed + i); "
+            f"got seed={seed} with {count}={num_images}",
             field="seed",
         )
-    for name in ("prompt", "negative_prompt"):
-        text = getattr(body, name)
+    for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
         if len(text) > settings.max_prompt_chars:
             raise InvalidRequest(
                 f"{name} is {len(text)} characters; the limit is {settings.max_prompt_chars} "
                 "(the server's CASCADE_MAX_PROMPT_CHARS setting)",
                 field=name,
             )
-    given = {
-        name: getattr(body, name) for name in _OPTIONAL_SAMPLING if getattr(body, name) is not None
-    }
+    given = {name: value for name, value in sampling.items() if value is not None}
     params = GenerationParams.from_defaults(
         engine.defaults,
-        body.prompt,
-        negative_prompt=body.negative_prompt,
-        num_images=body.num_images,
+        prompt,
+        negative_prompt=negative_prompt,
+        num_images=num_images,
         seed=seed,
         **given,
     )
     try:
         engine.validate(params)
     except InvalidParams as exc:
-        raise InvalidRequest(f"{exc.field}: {exc.message}", field=exc.field) from None
+        name = names.get(exc.field, exc.field)
+        # "width: must be ..." here; "size: width must be ..." where width is part of size
+        what = (
+            f"{name}: {exc.message}" if name == exc.field else f"{name}: {exc.field} {exc.message}"
+        )
+        raise InvalidRequest(what, field=name) from None
     return params
 
 

@@ -95,23 +95,32 @@ class GenerateRequest(BaseModel):
     )
     @classmethod
     def _json_number(cls, value: object, info: ValidationInfo) -> object:
-        # pydantic's lax mode would read true as 1 and "20" as 20; the schema says number. (Strict
-        # mode would refuse 2.0 for an integer, which JSON Schema counts as an integer.)
-        if isinstance(value, bool | str):
-            kind = "a float" if info.field_name in _FLOAT_FIELDS else "an integer"
-            raise ValueError(f"must be {kind} (a JSON number), not a string or true/false")  # noqa: TRY004
-        return value
+        return json_number(value, "a float" if info.field_name in _FLOAT_FIELDS else "an integer")
 
     @field_validator("prompt", "negative_prompt")
     @classmethod
     def _no_control_characters(cls, value: str) -> str:
-        # They mean nothing to the text encoder and corrupt logs and terminals; tab and newlines pass.
-        bad = _CONTROL.search(value)
-        if bad:
-            raise ValueError(
-                f"control character U+{ord(bad.group()):04X} at index {bad.start()} is not allowed"
-            )
-        return value
+        return no_control_characters(value)
+
+
+def json_number(value: object, kind: str) -> object:
+    """A before-validator for numeric fields: ``kind`` is "an integer" or "a float"."""
+    # pydantic's lax mode would read true as 1 and "20" as 20; the schema says number. (Strict
+    # mode would refuse 2.0 for an integer, which JSON Schema counts as an integer.)
+    if isinstance(value, bool | str):
+        raise ValueError(f"must be {kind} (a JSON number), not a string or true/false")  # noqa: TRY004
+    return value
+
+
+def no_control_characters(value: str) -> str:
+    """A validator for prompts: they mean nothing to the text encoder and corrupt logs and
+    terminals; tab and newlines pass."""
+    bad = _CONTROL.search(value)
+    if bad:
+        raise ValueError(
+            f"control character U+{ord(bad.group()):04X} at index {bad.start()} is not allowed"
+        )
+    return value
 
 
 class ImageData(BaseModel):

@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.access_log import install_access_log
+from service.api_docs import install_docs
 from service.auth import install_auth, read_authorization
 from service.engine import Pipeline, load_pipeline
 from service.errors import InternalError, InvalidJson, InvalidRequest, ServiceError
@@ -122,6 +123,8 @@ def create_app(
         description="Text-to-image with Stable Cascade. Errors share one envelope: "
         '{"error": {"code", "message", "field", "request_id"}}.',
         lifespan=lifespan,
+        docs_url=None,  # served offline by install_docs; no /redoc
+        redoc_url=None,
     )
     app.state.runtime, app.state.settings, app.state.metrics = runtime, settings, metrics
     _add_error_handlers(app, metrics, settings)
@@ -238,6 +241,7 @@ def create_app(
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     install_openapi(app, runtime, settings)
+    install_docs(app)
     endpoints = frozenset(r.path for r in app.routes if hasattr(r, "path"))
     # Last added is outermost: access log -> RequestMiddleware (413, metrics) -> API keys -> routes,
     # so refusals carry the request id, are counted and are logged.

@@ -240,12 +240,13 @@ def create_app(
             metrics.set_gpu_memory(runtime.engine.memory_stats())
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    install_openapi(app, runtime, settings)
     install_docs(app)
     endpoints = frozenset(r.path for r in app.routes if hasattr(r, "path"))
     # Last added is outermost: access log -> RequestMiddleware (413, metrics) -> API keys -> routes,
     # so refusals carry the request id, are counted and are logged.
-    app.state.auth_enabled = install_auth(app).enabled
+    auth = install_auth(app)
+    app.state.auth_enabled = auth.enabled
+    install_openapi(app, runtime, settings, auth)
     app.add_middleware(
         RequestMiddleware,
         metrics=metrics,

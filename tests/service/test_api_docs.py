@@ -1,5 +1,6 @@
 """/docs works offline (every script, style and icon it links is served by the app itself, and
-the package ships them) and stays open with API keys on."""
+the package ships them), stays open with API keys on, and /openapi.json declares the bearer scheme
+exactly when keys are configured, with the open routes marked ``security: []``."""
 
 from __future__ import annotations
 
@@ -104,3 +105,40 @@ def test_the_package_ships_the_docs_files() -> None:
         assert any(fnmatch.fnmatch(relative, pattern) for pattern in patterns), name
     assert (ASSETS_DIR / "LICENSE").is_file() and "5.35.0" in (ASSETS_DIR / "README.md").read_text()
 
+
+def _operations(doc: dict) -> dict[str, dict]:
+    return {
+        f"{method.upper()} {path}": operation
+        for path, item in doc["paths"].items()
+        for method, operation in item.items()
+    }
+
+
+def test_openapi_declares_bearer_security_when_keys_are_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    doc = _client(monkeypatch, KEY).get("/openapi.json").json()
+    schemes = doc["components"]["securitySchemes"]
+    assert schemes == {"bearer": {**schemes["bearer"], "type": "http", "scheme": "bearer"}}
+    assert doc["security"] == [{"bearer": []}]
+    operations = _operations(doc)
+    for label in ("POST /v1/generate", "GET /v1/requests/{request_id}"):
+        assert operations[label]["security"] == [{"bearer": []}], label
+    for label in ("GET /health/live", "GET /health/ready", "GET /metrics"):
+        assert operations[label]["security"] == [], label
+    assert not any("/docs" in label for label in operations)
+
+
+def test_metrics_requires_the_key_in_the_document_when_it_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client = _client(monkeypatch, KEY, CASCADE_METRICS_REQUIRE_KEY="true")
+    operations = _operations(client.get("/openapi.json").json())
+    assert operations["GET /metrics"]["security"] == [{"bearer": []}]
+    assert operations["GET /health/ready"]["security"] == []
+
+
+def test_openapi_declares_no_security_when_keys_are_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    doc = _client(monkeypatch).get("/openapi.json").json()
+    assert "securitySchemes" not in doc["components"] and "security" not in doc
+    assert all("security" not in op for op in _operations(doc).values())

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.access_log import install_access_log
 from service.api_docs import install_docs
 from service.auth import install_auth, read_authorization
+from service.cors import install_cors
 from service.engine import Pipeline, load_pipeline
 from service.errors import InternalError, InvalidJson, InvalidRequest, ServiceError
 from service.imaging import encode_b64_png, encode_png
@@ -242,8 +243,8 @@ def create_app(
 
     install_docs(app)
     endpoints = frozenset(r.path for r in app.routes if hasattr(r, "path"))
-    # Last added is outermost: access log -> RequestMiddleware (413, metrics) -> API keys -> routes,
-    # so refusals carry the request id, are counted and are logged.
+    # Last added is outermost: access log -> CORS -> RequestMiddleware (413, metrics) -> API keys
+    # -> routes, so refusals carry the request id and CORS headers, are counted and are logged.
     auth = install_auth(app)
     app.state.auth_enabled = auth.enabled
     install_openapi(app, runtime, settings, auth)
@@ -253,6 +254,7 @@ def create_app(
         max_body_bytes=settings.max_body_bytes,
         endpoints=endpoints,
     )
+    install_cors(app, settings)
     install_access_log(app)
     return app
 

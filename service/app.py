@@ -27,7 +27,7 @@ from service.auth import install_auth, read_authorization
 from service.cors import install_cors
 from service.engine import Pipeline, load_pipeline
 from service.errors import InternalError, InvalidJson, InvalidRequest, ServiceError
-from service.imaging import encode_b64_png, encode_png
+from service.imaging import encode_b64_png, encode_png, png_parameters_of
 from service.metrics import Metrics
 from service.middleware import RequestMiddleware
 from service.openapi import install_openapi
@@ -145,12 +145,15 @@ def create_app(
         job = runtime.submit(params, body.timeout_s, request.state.request_id, _owner(request))
         done = await runtime.wait(job, request.receive)
         request.state.outcome = "ok"
+        texts = png_parameters_of(params, engine.model_info, settings.png_metadata)
         if raw_png:
-            (png,), seconds = await encode_each(runtime.encode, encode_png, done.result.images)
+            (png,), seconds = await encode_each(
+                runtime.encode, encode_png, done.result.images, texts
+            )
             metrics.encode_duration.labels("png").observe(seconds)
             timings = timings_of(done, seconds, received_at)
             return png_response(done, png, timings, engine.model_info, warnings)
-        b64, seconds = await encode_each(runtime.encode, encode_b64_png, done.result.images)
+        b64, seconds = await encode_each(runtime.encode, encode_b64_png, done.result.images, texts)
         metrics.encode_duration.labels("b64_json").observe(seconds)
         timings = timings_of(done, seconds, received_at)
         return json_response(

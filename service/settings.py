@@ -151,6 +151,11 @@ class Settings(BaseModel):
     encode_threads: int = Field(
         2, ge=1, le=64, description="Threads encoding PNGs off the event loop."
     )
+    png_metadata: bool = Field(
+        True,
+        description="Write each PNG's generation parameters (prompt, negative prompt, steps, "
+        "guidance, seed, size, model) into a 'parameters' text chunk, as other image tools do.",
+    )
     cors_origins: tuple[str, ...] = Field(
         (),
         description="Comma-separated origins (scheme://host[:port]) whose web pages may call the "

@@ -21,10 +21,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.access_log import install_access_log
+from service.api_docs import install_docs
 from service.auth import install_auth, request_owner
+from service.cors import install_cors
 from service.engine import Pipeline, load_pipeline
 from service.errors import InternalError, InvalidJson, InvalidRequest, ServiceError
-from service.imaging import encode_b64_png, encode_png
+from service.imaging import encode_b64_png, encode_png, png_parameters_of
 from service.jobs import JobResult
 from service.metrics import Metrics
 from service.middleware import RequestMiddleware
@@ -137,6 +139,8 @@ def create_app(
         description="Text-to-image with Stable Cascade. Errors share one envelope: "
         '{"error": {"code", "message", "field", "request_id"}}.',
         lifespan=lifespan,
+        docs_url=None,  # served offline by install_docs; no /redoc
+        redoc_url=None,
     )
     app.state.runtime, app.state.settings, app.state.metrics = runtime, settings, metrics
     _add_error_handlers(app, metrics, settings)
@@ -176,8 +180,12 @@ def create_app(
         request_id = request.state.request_id
         job = runtime.submit(params, body.timeout_s, request_id, _owner(request), preview_steps)
 
+        texts = png_parameters_of(params, engine.model_info, settings.png_metadata)
+
         async def b64_body(done: JobResult) -> dict[str, Any]:
-            b64, seconds = await encode_each(runtime.encode, encode_b64_png, done.result.images)
+            b64, seconds = await encode_each(
+                runtime.encode, encode_b64_png, done.result.images, texts
+            )
             metrics.encode_duration.labels("b64_json").observe(seconds)
             timings = timings_of(done, seconds, received_at)
             return response_body(done, b64, timings, engine.model_info, request_id, warnings)
@@ -190,7 +198,9 @@ def create_app(
         done = await runtime.wait(job, request.receive)
         request.state.outcome = "ok"
         if raw_png:
-            (png,), seconds = await encode_each(runtime.encode, encode_png, done.result.images)
+            (png,), seconds = await encode_each(
+                runtime.encode, encode_png, done.result.images, texts
+            )
             metrics.encode_duration.labels("png").observe(seconds)
             timings = timings_of(done, seconds, received_at)
             return png_response(done, png, timings, engine.model_info, warnings)
@@ -281,17 +291,20 @@ def create_app(
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     install_openai_routes(app, runtime, settings, metrics)
-    install_openapi(app, runtime, settings)
+    install_docs(app)
     endpoints = frozenset(r.path for r in app.routes if hasattr(r, "path"))
-    # Last added is outermost: access log -> RequestMiddleware (413, metrics) -> API keys -> routes,
-    # so refusals carry the request id, are counted and are logged.
-    app.state.auth_enabled = install_auth(app).enabled
+    # Last added is outermost: access log -> CORS -> RequestMiddleware (413, metrics) -> API keys
+    # -> routes, so refusals carry the request id and CORS headers, are counted and are logged.
+    auth = install_auth(app)
+    app.state.auth_enabled = auth.enabled
+    install_openapi(app, runtime, settings, auth)
     app.add_middleware(
         RequestMiddleware,
         metrics=metrics,
         max_body_bytes=settings.max_body_bytes,
         endpoints=endpoints,
     )
+    install_cors(app, settings)
     install_access_log(app)
     return app
 

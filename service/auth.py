@@ -6,8 +6,8 @@ Off unless keys are configured. Configuration (read once, when ``install_auth`` 
 - ``CASCADE_API_KEYS_FILE``: a file with one key per line; blank lines and ``#`` comments are ignored.
 - ``CASCADE_METRICS_REQUIRE_KEY`` (bool, default false): also require a key for ``GET /metrics``.
 
-With keys, every request except the open paths (health probes, the API docs and, unless
-``CASCADE_METRICS_REQUIRE_KEY``, ``/metrics``) needs ``Authorization: Bearer <key>``; anything else gets a
+With keys, every request except the open paths (health probes, the API docs with their files and,
+unless ``CASCADE_METRICS_REQUIRE_KEY``, ``/metrics``) needs ``Authorization: Bearer <key>``; anything else gets a
 401 in the service's error envelope with ``WWW-Authenticate: Bearer``, whose message says what is wrong:
 no header, a malformed one (empty, no scheme, another scheme, no key) or a key that is not configured. Default-deny: a route added later
 is protected without anyone remembering to list it.
@@ -38,10 +38,11 @@ Receive = Callable[[], Any]
 Send = Callable[[dict[str, Any]], Any]
 ASGIApp = Callable[[Scope, Receive, Send], Any]
 
-# Probes must work without credentials (kubelet and load balancers carry none); the schema is public.
-ALWAYS_OPEN_PATHS = frozenset(
-    {"/health/live", "/health/ready", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
-)
+# Probes must work without credentials (kubelet and load balancers carry none); the schema and its
+# documentation page are public (the page asks for a key through its Authorize button).
+ALWAYS_OPEN_PATHS = frozenset({"/health/live", "/health/ready", "/docs", "/openapi.json"})
+# The static files of /docs (service/api_docs.py): nothing else is served under this prefix.
+ALWAYS_OPEN_PREFIXES = ("/docs/assets/",)
 METRICS_PATH = "/metrics"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -117,7 +118,7 @@ class AuthConfig:
         return matched
 
     def requires_key(self, path: str) -> bool:
-        if not self.enabled or path in ALWAYS_OPEN_PATHS:
+        if not self.enabled or path in ALWAYS_OPEN_PATHS or path.startswith(ALWAYS_OPEN_PREFIXES):
             return False
         if path == METRICS_PATH:
             return self.metrics_require_key

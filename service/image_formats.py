@@ -16,11 +16,14 @@ FORMATS = ("png", "jpeg", "webp")
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
-def encode_image(image: torch.Tensor, output_format: str, quality: int = 100) -> bytes:
+def encode_image(
+    image: torch.Tensor, output_format: str, quality: int = 100, parameters: str | None = None
+) -> bytes:
     """image: uint8 [3, H, W] on the CPU -> the file bytes. ``quality`` (0-100, 100 = best) is
-    Pillow's JPEG / WebP quality; PNG is lossless and ignores it."""
+    Pillow's JPEG / WebP quality; PNG is lossless and ignores it. ``parameters``: the PNG's
+    ``parameters`` text chunk (service/imaging.py; JPEG and WebP carry none)."""
     if output_format == "png":
-        return encode_png(image)
+        return encode_png(image, parameters)
     if output_format not in FORMATS:
         raise ValueError(f"unknown output format {output_format!r}; expected one of {FORMATS}")
     if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
@@ -38,6 +41,14 @@ def encode_image(image: torch.Tensor, output_format: str, quality: int = 100) ->
     return buffer.getvalue()
 
 
-def encode_b64(image: torch.Tensor, output_format: str, quality: int = 100) -> str:
-    """image: uint8 [3, H, W] -> the file, base64 (ASCII)."""
-    return base64.b64encode(encode_image(image, output_format, quality)).decode("ascii")
+def encode_b64(
+    image: torch.Tensor,
+    parameters: str | None = None,
+    *,
+    output_format: str = "png",
+    quality: int = 100,
+) -> str:
+    """image: uint8 [3, H, W] -> the file, base64 (ASCII); the argument order of
+    ``responses.encode_each``'s encoders."""
+    data = encode_image(image, output_format, quality, parameters)
+    return base64.b64encode(data).decode("ascii")

@@ -28,6 +28,7 @@ from service.auth import request_owner
 from service.engine import Engine
 from service.errors import InvalidRequest, NotReady
 from service.image_formats import encode_b64
+from service.imaging import png_parameters_of
 from service.jobs import JobResult
 from service.metrics import Metrics
 from service.openai_errors import ModelNotFound
@@ -256,10 +257,13 @@ def install_openai_routes(
             encode = partial(
                 encode_b64, output_format=generation.output_format, quality=generation.compression
             )
-            texts = [generation.params.prompt, generation.params.negative_prompt]
+            prompts = [generation.params.prompt, generation.params.negative_prompt]
+            png_texts = png_parameters_of(
+                generation.params, engine.model_info, settings.png_metadata
+            )
             (b64, seconds), tokens = await asyncio.gather(
-                encode_each(runtime.encode, encode, done.result.images),
-                runtime.encode(count_text_tokens, engine.pipeline, texts),
+                encode_each(runtime.encode, encode, done.result.images, png_texts),
+                runtime.encode(count_text_tokens, engine.pipeline, prompts),
             )
             label = "b64_json" if generation.output_format == "png" else generation.output_format
             metrics.encode_duration.labels(label).observe(seconds)

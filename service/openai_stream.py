@@ -58,7 +58,8 @@ def openai_event_stream(
     common = {"background": "opaque", "output_format": output_format, "quality": quality}
 
     def encode(picture: torch.Tensor) -> str:
-        return encode_b64(scaled(picture, params.width, params.height), output_format, compression)
+        picture = scaled(picture, params.width, params.height)
+        return encode_b64(picture, output_format=output_format, quality=compression)
 
     async def events() -> AsyncIterator[bytes]:
         partial_index = 0

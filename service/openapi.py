@@ -4,6 +4,10 @@ The static schema only knows type-level limits; sizes, step counts and guidance 
 model (``pipeline.limits``) and the per-request caps to the settings. Once the model is loaded they are
 written into the GenerateRequest schema, so a client (or a schema-driven test tool) generating requests
 from the document gets no 422 for a request the document calls valid.
+
+With API keys on, the document declares an HTTP bearer scheme required by every operation except those
+the keys middleware leaves open (``security: []``), exactly as ``AuthConfig.requires_key`` decides; /docs
+then shows an Authorize button. With keys off it declares no scheme.
 """
 
 from __future__ import annotations
@@ -13,14 +17,19 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from service.auth import AuthConfig
 from service.runtime import Runtime
 from service.settings import Settings
 
 _TEXT = r"[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
 _VISIBLE = r"[^\s\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
+BEARER = "bearer"
+_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 
 
-def install_openapi(app: FastAPI, runtime: Runtime, settings: Settings) -> None:
+def install_openapi(
+    app: FastAPI, runtime: Runtime, settings: Settings, auth: AuthConfig | None = None
+) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is not None:
             return app.openapi_schema
@@ -75,6 +84,8 @@ def install_openapi(app: FastAPI, runtime: Runtime, settings: Settings) -> None:
             app.openapi_schema = schema  # final once the model is known
         _constrain(fields["num_images"], maximum=max_images)
         _constrain_openai(schema, runtime, settings, max_images)
+        if auth is not None and auth.enabled:
+            _add_bearer_security(schema, auth)
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -106,7 +117,6 @@ def _constrain_openai(
     _constrain(fields["prompt"], pattern=f"^{_TEXT}*{_VISIBLE}{_TEXT}*$")
     _constrain(fields["negative_prompt"], pattern=f"^{_TEXT}*$")
     _constrain(fields["n"], maximum=max_images)
-    _constrain(fields["stream"], enum=[False])  # true is refused until streaming is available
     if runtime.engine is None:
         return
     limits = runtime.engine.pipeline.limits
@@ -119,3 +129,21 @@ def _constrain_openai(
         _constrain(fields[name], maximum=limits.max_steps)
     for name in ("prior_guidance_scale", "decoder_guidance_scale"):
         _constrain(fields[name], maximum=limits.max_guidance_scale)
+
+
+def _add_bearer_security(schema: dict[str, Any], auth: AuthConfig) -> None:
+    """Declare the bearer scheme, require it by default, and mark the open operations
+    ``security: []`` (the health probes, /metrics unless CASCADE_METRICS_REQUIRE_KEY)."""
+    schema.setdefault("components", {})["securitySchemes"] = {
+        BEARER: {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "An API key of CASCADE_API_KEYS / CASCADE_API_KEYS_FILE, sent as "
+            "'Authorization: Bearer <key>'",
+        }
+    }
+    schema["security"] = [{BEARER: []}]
+    for path, item in schema["paths"].items():
+        for method, operation in item.items():
+            if method in _METHODS:
+                operation["security"] = [{BEARER: []}] if auth.requires_key(path) else []

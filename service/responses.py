@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi.responses import JSONResponse, Response
@@ -162,14 +162,19 @@ def warning_header(warnings: list[str]) -> dict[str, str]:
 
 
 async def encode_each(
-    run: Callable[[Callable[[torch.Tensor], T], torch.Tensor], Awaitable[T]],
-    encode: Callable[[torch.Tensor], T],
+    run: Callable[..., Awaitable[T]],
+    encode: Callable[[torch.Tensor, str | None], T],
     images: torch.Tensor,
+    parameters: Sequence[str | None] | None = None,
 ) -> tuple[list[T], float]:
-    """Encode every image of ``images`` [n, 3, H, W] in parallel through ``run`` (the encode pool);
+    """Encode every image of ``images`` [n, 3, H, W] in parallel through ``run`` (the encode pool),
+    image i with ``parameters[i]`` (its PNG text, ``imaging.png_parameters_of``; None: none);
     returns the results in order and the wall seconds the request spent on them."""
+    texts = [None] * len(images) if parameters is None else parameters
     started = time.perf_counter()
-    results = await asyncio.gather(*(run(encode, image) for image in images))
+    results = await asyncio.gather(
+        *(run(encode, image, text) for image, text in zip(images, texts, strict=True))
+    )
     return list(results), time.perf_counter() - started
 
 

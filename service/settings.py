@@ -151,6 +151,16 @@ class Settings(BaseModel):
     encode_threads: int = Field(
         2, ge=1, le=64, description="Threads encoding PNGs off the event loop."
     )
+    png_metadata: bool = Field(
+        True,
+        description="Write each PNG's generation parameters (prompt, negative prompt, steps, "
+        "guidance, seed, size, model) into a 'parameters' text chunk, as other image tools do.",
+    )
+    cors_origins: tuple[str, ...] = Field(
+        (),
+        description="Comma-separated origins (scheme://host[:port]) whose web pages may call the "
+        "API, or * for any. Unset: no CORS headers, so browsers refuse cross-origin calls.",
+    )
 
     @model_validator(mode="after")
     def _check_active_images(self) -> Settings:
@@ -167,6 +177,21 @@ class Settings(BaseModel):
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
             raise ValueError("must be auto, cpu, cuda or cuda:N")
         return value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_cors_origins(cls, value: object) -> object:
+        return value.split(",") if isinstance(value, str) else value  # the variable's form
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_cors_origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        origins = tuple(item.strip().lower() for item in value if item.strip())
+        for origin in origins:
+            _check_origin(origin)
+        if "*" in origins and len(origins) > 1:
+            raise ValueError("* allows every origin: give it alone, or list the origins")
+        return origins
 
     @field_validator("weights_dir")
     @classmethod
@@ -223,6 +248,36 @@ class Settings(BaseModel):
                     label = f"{ENV_PREFIX}{name.upper()}={shown!r}"
                 problems.append(f"{label}: {err['msg']}")
             raise SettingsError("invalid settings: " + "; ".join(problems)) from None
+
+
+_ORIGIN = re.compile(
+    r"(?P<scheme>[a-z][a-z0-9+.-]*)://"
+    r"(?P<host>[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*|\[[0-9a-f:.]+\])"
+    r"(:(?P<port>[0-9]{1,5}))?"
+)
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+
+
+def _check_origin(origin: str) -> None:
+    """An origin as a browser sends it in ``Origin``: scheme://host[:port], lower case, nothing
+    after the port, no default port (browsers leave it out, so it would never match)."""
+    if origin == "*":
+        return
+    match = _ORIGIN.fullmatch(origin)
+    if match is None:
+        hint = "; drop the path" if re.match(r"[a-z][a-z0-9+.-]*://[^/]+/", origin) else ""
+        raise ValueError(
+            f"{origin!r} is not an origin: each must be scheme://host[:port] (e.g. "
+            f"https://app.example.com or http://localhost:3000) or *{hint}"
+        )
+    port = match.group("port")
+    if port is not None and not 1 <= int(port) <= 65535:
+        raise ValueError(f"{origin!r}: the port must be 1..65535")
+    if port is not None and _DEFAULT_PORTS.get(match.group("scheme")) == port:
+        default = origin.rsplit(":", 1)[0]
+        raise ValueError(
+            f"{origin!r}: browsers send the origin without its default port; write {default!r}"
+        )
 
 
 def env_names() -> list[str]:

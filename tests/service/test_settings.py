@@ -51,12 +51,39 @@ def test_values_are_typed(tmp_path: Path) -> None:
         ("CASCADE_DECODER_VARIANT", "huge", "lite"),
         ("CASCADE_WEIGHTS_DIR", "/no/such/dir", "not a directory"),
         ("CASCADE_DRAIN_TIMEOUT_S", "-1", "greater than or equal to 0"),
+        ("CASCADE_PNG_METADATA", "maybe", "boolean"),
+        ("CASCADE_CORS_ORIGINS", "app.example.com", "scheme://host[:port]"),
+        ("CASCADE_CORS_ORIGINS", "https://app.example.com/", "drop the path"),
+        ("CASCADE_CORS_ORIGINS", "https://a.example,https://b.example/api", "drop the path"),
+        ("CASCADE_CORS_ORIGINS", "https://app.example.com:443", "'https://app.example.com'"),
+        ("CASCADE_CORS_ORIGINS", "http://localhost:0", "1..65535"),
+        ("CASCADE_CORS_ORIGINS", "null", "not an origin"),
+        ("CASCADE_CORS_ORIGINS", "*,https://app.example.com", "give it alone"),
     ],
 )
 def test_bad_values_name_the_variable_value_and_rule(name: str, value: str, hint: str) -> None:
     with pytest.raises(SettingsError) as info:
         Settings.from_env({name: value})
     assert f"{name}={value!r}" in str(info.value) and hint in str(info.value)
+
+
+def test_cors_origins_and_png_metadata() -> None:
+    assert Settings.from_env({}).cors_origins == () and Settings.from_env({}).png_metadata
+    s = Settings.from_env(
+        {
+            "CASCADE_CORS_ORIGINS": " https://App.Example.com, http://localhost:3000,,"
+            "http://[::1]:8080",
+            "CASCADE_PNG_METADATA": "false",
+        }
+    )
+    # lower case, as browsers send Origin; blank entries skipped
+    assert s.cors_origins == (
+        "https://app.example.com",
+        "http://localhost:3000",
+        "http://[::1]:8080",
+    )
+    assert s.png_metadata is False
+    assert Settings.from_env({"CASCADE_CORS_ORIGINS": "*"}).cors_origins == ("*",)
 
 
 def test_unknown_variables_are_warned_about(caplog: pytest.LogCaptureFixture) -> None:

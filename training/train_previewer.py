@@ -249,8 +249,6 @@ def main(argv: list[str] | None = None) -> None:
     from models.demo import load_demo_pipeline
 
     torch.set_num_threads(1)
-    torch.manual_seed(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
     started = time.perf_counter()
 
     def log(message: str) -> None:
@@ -262,9 +260,13 @@ def main(argv: list[str] | None = None) -> None:
         log(f"pairs from {cache}")
     else:
         pipeline = load_demo_pipeline()
-        pairs = generate_pairs(pipeline, generator, log)
+        pairs = generate_pairs(pipeline, torch.Generator().manual_seed(args.seed), log)
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(pairs, cache)
+    # Split and training draw from fresh seeded generators, so a run from cached pairs and one that
+    # generates them train the same network.
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
     train_set, held = split(pairs, generator)
 
     config = PreviewerConfig(c_in=train_set[0]["x0"].shape[2], c_hidden=args.c_hidden, c_out=3)

@@ -375,7 +375,9 @@ def export(out: Path, work: Path, log: Log) -> None:
         "description": "Tiny Stable Cascade (Stages A, B, C and a 64-wide CLIP text tower, 4.4 M parameters) "
                        "trained on synthetic pictures of one coloured shape on a plain background. Prompts: "
                        "'a {colour} {circle|square|triangle} [at the left |at the right ]on a {colour} background' "
-                       "with colours red, green, blue, yellow, white, black, purple, orange. 128 px.",
+                       "with colours red, green, blue, yellow, white, black, purple, orange. 128 px. "
+                       "Optional live previews: previewer.safetensors (Stage C latent -> RGB at 8x, "
+                       "training/train_previewer.py).",
         "trained_by": "python -m training.train_demo --out assets/demo-model",
         "defaults": DEMO_DEFAULTS,
         "limits": DEMO_LIMITS,

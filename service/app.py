@@ -46,7 +46,7 @@ from service.responses import (
 from service.runtime import Runtime
 from service.schemas import ErrorResponse, GenerateRequest, GenerateResponse, Health, RequestState
 from service.settings import Settings
-from service.streaming import event_stream, every_k_steps, wants_stream
+from service.streaming import event_schema, event_stream, every_k_steps, wants_stream
 
 logger = logging.getLogger("service.app")
 
@@ -95,11 +95,11 @@ PNG_200: dict[str, Any] = {
     "the demo model's notice that a prompt is outside what it was trained on",
     "content": {
         "image/png": {"schema": {"type": "string", "format": "binary"}},
-        "text/event-stream": {
-            "schema": {"type": "string"},
-            "description": "stream=true or Accept: text/event-stream: Server-Sent Events "
-            "queued, started, step, preview, then result (this route's JSON body) or error",
-        },
+        "text/event-stream": event_schema(
+            ["queued", "started", "step", "preview", "result", "error"],
+            "stream=true or Accept: text/event-stream: Server-Sent Events queued, started, "
+            "step, preview, then result (this route's JSON body) or error",
+        ),
     },
     "headers": {
         "X-Cascade-Warning": {

@@ -42,11 +42,11 @@ from service.openai_schemas import (
     OpenAIImage,
     Usage,
 )
-from service.openai_stream import openai_event_stream
+from service.openai_stream import COMPLETED, PARTIAL, openai_event_stream
 from service.responses import encode_each, prompt_warnings, validated_params, warning_header
 from service.runtime import Runtime
 from service.settings import Settings
-from service.streaming import spread_over_steps
+from service.streaming import event_schema, spread_over_steps
 
 logger = logging.getLogger("service.openai_api")
 
@@ -227,7 +227,19 @@ def install_openai_routes(
     @app.post(
         "/v1/images/generations",
         response_model=ImagesResponse,
-        responses=_errors(400, 401, 404, 409, 413, 500, 503, 504),
+        responses={
+            200: {
+                "description": "JSON, or with stream=true Server-Sent Events",
+                "content": {
+                    "text/event-stream": event_schema(
+                        [PARTIAL, COMPLETED, "error"],
+                        "stream=true: image_generation.partial_image events, then one "
+                        "image_generation.completed per image, or an error event",
+                    )
+                },
+            },
+            **_errors(400, 401, 404, 409, 413, 500, 503, 504),
+        },
         summary="Generate images (OpenAI Images API)",
         description=GENERATE_DESCRIPTION,
     )

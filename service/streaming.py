@@ -39,6 +39,26 @@ SSE_HEADERS = {
 }
 
 
+def event_schema(events: list[str], description: str) -> dict[str, Any]:
+    """The OpenAPI media type object of an event stream (OpenAPI 3.1: ``schema`` describes one
+    event, as SSE parsers hand them out: its ``event`` name and its ``data`` text, JSON)."""
+    return {
+        "schema": {
+            "type": "object",
+            "required": ["event", "data"],
+            "properties": {
+                "event": {"type": "string", "enum": events},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "description": "one line of JSON whose type repeats the event name",
+                },
+            },
+        },
+        "description": description,
+    }
+
+
 def wants_stream(stream: bool, accept: str) -> bool:
     """``stream: true``, or an Accept header naming text/event-stream."""
     return stream or any(

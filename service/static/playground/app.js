@@ -11,7 +11,7 @@ const NUMBERS = ["width", "height", "prior_steps", "prior_guidance_scale", "seed
 
 let previews = true; // the model has a Previewer (else asking for previews earns a warning)
 let decoderSteps = 10; // Stage B steps until the stream says (the schema's default replaces it)
-let run = null; // the generation in progress: {controller, id, cancelled}
+let run = null; // the generation in progress: {controller, id, cancelled, prompt}
 
 // --- Server configuration ------------------------------------------------------------------
 
@@ -85,7 +85,8 @@ function authHeaders() {
 async function generate(event) {
   event.preventDefault();
   if (run) return;
-  run = { controller: new AbortController(), id: null, cancelled: false };
+  const prompt = $("prompt").value;
+  run = { controller: new AbortController(), id: null, cancelled: false, prompt };
   setRunning(true);
   try {
     const response = await fetch("/v1/generate", {
@@ -201,7 +202,7 @@ function showResult(body) {
     const item = document.createElement("li");
     const img = document.createElement("img");
     img.src = src;
-    img.alt = `${$("prompt").value} (seed ${image.seed})`;
+    img.alt = `${run.prompt} (seed ${image.seed})`;
     img.dataset.seed = image.seed;
     const actions = document.createElement("div");
     actions.className = "actions";

@@ -33,6 +33,7 @@ from service.middleware import RequestMiddleware
 from service.openai_api import install_openai_routes
 from service.openai_errors import error_body, from_validation, is_openai_path
 from service.openapi import install_openapi
+from service.playground import install_playground
 from service.responses import (
     build_params,
     encode_each,
@@ -292,6 +293,7 @@ def create_app(
 
     install_openai_routes(app, runtime, settings, metrics)
     install_docs(app)
+    install_playground(app)
     endpoints = frozenset(r.path for r in app.routes if hasattr(r, "path"))
     # Last added is outermost: access log -> CORS -> RequestMiddleware (413, metrics) -> API keys
     # -> routes, so refusals carry the request id and CORS headers, are counted and are logged.

@@ -6,11 +6,12 @@ Off unless keys are configured. Configuration (read once, when ``install_auth`` 
 - ``CASCADE_API_KEYS_FILE``: a file with one key per line; blank lines and ``#`` comments are ignored.
 - ``CASCADE_METRICS_REQUIRE_KEY`` (bool, default false): also require a key for ``GET /metrics``.
 
-With keys, every request except the open paths (health probes, the API docs with their files and,
-unless ``CASCADE_METRICS_REQUIRE_KEY``, ``/metrics``) needs ``Authorization: Bearer <key>``; anything else gets a
-401 in the service's error envelope with ``WWW-Authenticate: Bearer``, whose message says what is wrong:
-no header, a malformed one (empty, no scheme, another scheme, no key) or a key that is not configured. Default-deny: a route added later
-is protected without anyone remembering to list it.
+With keys, every request except the open paths (health probes, the API docs with their files, the
+playground page ``/`` with its files and, unless ``CASCADE_METRICS_REQUIRE_KEY``, ``/metrics``) needs
+``Authorization: Bearer <key>``; anything else gets a 401 in the service's error envelope with
+``WWW-Authenticate: Bearer``, whose message says what is wrong: no header, a malformed one (empty, no
+scheme, another scheme, no key) or a key that is not configured. Default-deny: a route added later is
+protected without anyone remembering to list it.
 
 Keys are held only as SHA-256 digests and a presented key is compared with ``hmac.compare_digest`` against
 every configured key without stopping at a match, so neither which key matched, nor how much of a key
@@ -39,10 +40,12 @@ Send = Callable[[dict[str, Any]], Any]
 ASGIApp = Callable[[Scope, Receive, Send], Any]
 
 # Probes must work without credentials (kubelet and load balancers carry none); the schema and its
-# documentation page are public (the page asks for a key through its Authorize button).
-ALWAYS_OPEN_PATHS = frozenset({"/health/live", "/health/ready", "/docs", "/openapi.json"})
-# The static files of /docs (service/api_docs.py): nothing else is served under this prefix.
-ALWAYS_OPEN_PREFIXES = ("/docs/assets/",)
+# documentation page are public (the page asks for a key through its Authorize button), and so is the
+# playground page (service/playground.py), which asks for a key when the API answers 401.
+ALWAYS_OPEN_PATHS = frozenset({"/health/live", "/health/ready", "/docs", "/openapi.json", "/"})
+# The static files of /docs (service/api_docs.py) and of the playground: nothing else is served under
+# these prefixes.
+ALWAYS_OPEN_PREFIXES = ("/docs/assets/", "/playground/")
 METRICS_PATH = "/metrics"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}

@@ -25,6 +25,14 @@ _TEXT = r"[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
 _VISIBLE = r"[^\s\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
 BEARER = "bearer"
 _METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
+_MODEL_DEFAULTS = (
+    "width",
+    "height",
+    "prior_steps",
+    "prior_guidance_scale",
+    "decoder_steps",
+    "decoder_guidance_scale",
+)
 
 
 def install_openapi(
@@ -80,6 +88,10 @@ def install_openapi(
                 _constrain(fields[name], maximum=limits.max_steps)
             for name in ("prior_guidance_scale", "decoder_guidance_scale"):
                 _constrain(fields[name], maximum=limits.max_guidance_scale)
+            # what an omitted field becomes with this model (the playground prefills its form)
+            defaults = runtime.engine.pipeline.defaults
+            for name in _MODEL_DEFAULTS:
+                fields[name]["default"] = getattr(defaults, name)
             max_images = min(max_images, limits.max_num_images)
             app.openapi_schema = schema  # final once the model is known
         _constrain(fields["num_images"], maximum=max_images)

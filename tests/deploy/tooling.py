@@ -1,4 +1,5 @@
-"""Finding the external tools the deploy tests run (nginx, prometheus, promtool, docker-compose, hadolint).
+"""Finding the external tools the deploy tests run (nginx, prometheus, promtool, docker-compose, hadolint;
+chromium and chromedriver for the playground's browser test).
 
 Locally a missing tool skips its test with the install command; under CI (CI=true) it fails instead, so a
 CI machine without the tools can never pass by skipping. scripts/install_test_tools installs them all.
@@ -14,7 +15,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-INSTALL_HINT = "run scripts/install_test_tools (as root) to install nginx, prometheus, docker-compose, hadolint"
+INSTALL_HINT = (
+    "run scripts/install_test_tools (as root) to install nginx, prometheus, docker-compose, "
+    "hadolint, chromium"
+)
 
 
 def in_ci() -> bool:

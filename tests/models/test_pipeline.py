@@ -354,6 +354,30 @@ def test_from_snapshot_loads_official_files_and_text_folders(tiny_pipeline, tiny
     assert (expected - got).abs().max() < 1e-5
 
 
+def test_a_snapshot_previewer_is_loaded_when_present(tiny_pipeline, tiny_snapshot, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from models.pipeline import CascadePipeline
+
+    without = CascadePipeline.from_snapshot(tiny_snapshot, device="cpu")
+    assert without.model_info["previews"] is False and without.previewer is None
+    with_previewer = tmp_path / "snapshot"
+    shutil.copytree(tiny_snapshot, with_previewer)
+    state = {k: v.contiguous() for k, v in tiny_pipeline.previewer.state_dict().items()}
+    save_file(state, with_previewer / "previewer.safetensors")
+    loaded = CascadePipeline.from_snapshot(with_previewer, device="cpu")
+    assert loaded.model_info["previews"] is True
+    (event,) = loaded.step(loaded.start([params(prompt="a cat", seed=2)]), previews=True)
+    (picture,) = loaded.preview([event.x0])
+    h, w = event.x0.shape[-2:]
+    assert picture.dtype == torch.uint8 and picture.shape == (1, 3, 8 * h, 8 * w)
+    with torch.inference_mode():  # the same weights give the same (unclamped) picture
+        mine, reference = loaded.previewer(event.x0), tiny_pipeline.previewer(event.x0)
+    assert mine.std() > 0 and torch.allclose(mine, reference)
+
+
 def test_from_snapshot_names_what_is_missing(tmp_path):
     from models.pipeline import CascadePipeline
 

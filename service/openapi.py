@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from service.auth import AuthConfig
+from service.responses import OPTIONAL_SAMPLING
 from service.runtime import Runtime
 from service.settings import Settings
 
@@ -25,14 +26,6 @@ _TEXT = r"[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
 _VISIBLE = r"[^\s\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
 BEARER = "bearer"
 _METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
-_MODEL_DEFAULTS = (
-    "width",
-    "height",
-    "prior_steps",
-    "prior_guidance_scale",
-    "decoder_steps",
-    "decoder_guidance_scale",
-)
 
 
 def install_openapi(
@@ -90,7 +83,7 @@ def install_openapi(
                 _constrain(fields[name], maximum=limits.max_guidance_scale)
             # what an omitted field becomes with this model (the playground prefills its form)
             defaults = runtime.engine.pipeline.defaults
-            for name in _MODEL_DEFAULTS:
+            for name in OPTIONAL_SAMPLING:
                 fields[name]["default"] = getattr(defaults, name)
             max_images = min(max_images, limits.max_num_images)
             app.openapi_schema = schema  # final once the model is known

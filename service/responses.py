@@ -10,7 +10,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from models.demo_vocabulary import grammar_for_model
 from models.request import MAX_SEED, GenerationParams, InvalidParams
@@ -22,7 +22,7 @@ from service.settings import Settings
 
 # Request fields that fall back to the model's sampling defaults when left out (shifts and cfg_rho
 # are not exposed: they always come from the model).
-_OPTIONAL_SAMPLING = (
+OPTIONAL_SAMPLING = (
     "width",
     "height",
     "prior_steps",
@@ -61,7 +61,7 @@ def build_params(
             "response_format=b64_json (and Accept: application/json) to get several",
             field="num_images",
         )
-    given = {name: getattr(body, name) for name in _OPTIONAL_SAMPLING}
+    given = {name: getattr(body, name) for name in OPTIONAL_SAMPLING}
     return validated_params(
         engine,
         settings,
@@ -190,18 +190,6 @@ def timings_of(done: JobResult, encode: float, received_at: float) -> Timings:
         encode=encode,
         total=time.monotonic() - received_at,
     )
-
-
-def json_response(
-    done: JobResult,
-    b64_images: list[str],
-    timings: Timings,
-    model: dict[str, str | bool],
-    request_id: str,
-    warnings: list[str],
-) -> JSONResponse:
-    body = response_body(done, b64_images, timings, model, request_id, warnings)
-    return JSONResponse(body, headers=warning_header(warnings))
 
 
 def response_body(

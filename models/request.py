@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from PIL import Image
 
 # Seeds are 0 .. MAX_SEED (32 bits) everywhere: the HTTP API, the CLI and the pipeline, so that an
 # image made by one can be reproduced by the other. Image i of a request uses seed + i: it must fit too.
@@ -47,6 +48,27 @@ class GenerationParams:
     decoder_guidance_scale: float = 1.1
     decoder_shift: float = 1.0
     cfg_rho: float = 0.7
+    # Image input (spec §7.8). ``image``: RGB, EXIF orientation applied, alpha on white; None for
+    # text-to-image. ``strength`` < 1 starts Stage C from the image's noised latent at t = strength
+    # and runs int(prior_steps * strength) steps; 1.0 starts from pure noise (text-to-image, the
+    # image then only conditions when ``image_variation``). ``image_variation``: Stage C is also
+    # conditioned on the CLIP image embedding of ``image``.
+    image: Image.Image | None = field(default=None, compare=False, repr=False)
+    strength: float = 1.0
+    image_variation: bool = False
+
+    @property
+    def uses_init_image(self) -> bool:
+        """True when Stage C starts from the image's latent (strength < 1)."""
+        return self.image is not None and self.strength < 1.0
+
+    @property
+    def prior_start(self) -> tuple[int, float]:
+        """(Stage C steps run, t_start): (prior_steps, 1.0) from noise, else the recipe's
+        (int(prior_steps * strength), strength)."""
+        if not self.uses_init_image:
+            return self.prior_steps, 1.0
+        return int(self.prior_steps * self.strength), float(self.strength)
 
     @classmethod
     def from_defaults(
@@ -55,13 +77,14 @@ class GenerationParams:
         """A request for ``prompt`` at a model's sampling defaults; ``overrides`` replace any field."""
         return cls(prompt=prompt, **{**dataclasses.asdict(defaults), **overrides})
 
-    def batch_key(self) -> tuple[int, int, int, int, float, float]:
+    def batch_key(self) -> tuple[int, int, tuple[int, float], int, float, float]:
         """Requests with equal keys can share one batch: same latent sizes and the same noise grids.
-        Prompts, seeds, guidance scales and image counts may differ inside a batch."""
+        Prompts, seeds, guidance scales, image counts and image conditioning may differ inside a
+        batch."""
         return (
             self.width,
             self.height,
-            self.prior_steps,
+            self.prior_start,
             self.decoder_steps,
             self.prior_shift,
             self.decoder_shift,

@@ -140,11 +140,42 @@ class StageAConfig:
         return cls(bottleneck_blocks=1, c_hidden=32, codebook_size=16)
 
 
+# EfficientNetV2-S stages 1..6: (block type, expand ratio, kernel, stride, in channels, out
+# channels, layers). Only the first layer of a stage strides and changes width.
+V2_S_STAGES: tuple[tuple[str, int, int, int, int, int, int], ...] = (
+    ("fused", 1, 3, 1, 24, 24, 2),
+    ("fused", 4, 3, 2, 24, 48, 4),
+    ("fused", 4, 3, 2, 48, 64, 4),
+    ("mb", 4, 3, 2, 64, 128, 6),
+    ("mb", 6, 3, 1, 128, 160, 9),
+    ("mb", 6, 3, 2, 160, 256, 15),
+)
+# The stride of each of the six stages (with the stride-2 stem: output stride 32); a smaller
+# encoder keeps them, so any checkpoint's architecture can be read back from its tensor shapes.
+V2_S_STRIDES = tuple(stage[3] for stage in V2_S_STAGES)
+
+
 @dataclass(frozen=True)
 class EfficientNetConfig:
-    """EfficientNetV2-S features + 1x1 mapper to the 16-channel Stage C latent (stride 32)."""
+    """EfficientNet features + 1x1 mapper to the 16-channel Stage C latent (stride 32).
+
+    The defaults are EfficientNetV2-S (the official encoder); ``stem`` / ``stages`` / ``head``
+    describe a smaller one of the same structure (e.g. the demo model's)."""
 
     c_latent: int = 16
+    stem: int = 24
+    stages: tuple[tuple[str, int, int, int, int, int, int], ...] = V2_S_STAGES
+    head: int = 1280
+
+    @classmethod
+    def tiny(cls) -> EfficientNetConfig:
+        """One layer per stage, narrow: a few thousand parameters, for tests."""
+        widths = (8, 8, 16, 16, 24, 24)
+        stages, c_in = [], 8
+        for (kind, expand, k, stride, *_), c_out in zip(V2_S_STAGES, widths, strict=True):
+            stages.append((kind, min(expand, 2), k, stride, c_in, c_out, 1))
+            c_in = c_out
+        return cls(stem=8, stages=tuple(stages), head=32)
 
 
 @dataclass(frozen=True)

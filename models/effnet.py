@@ -21,19 +21,6 @@ BN_EPS = 1e-3  # torchvision's EfficientNet BatchNorm eps; the mapper's BatchNor
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# (block type, expand ratio, kernel, stride, in channels, out channels, layers) for stages 1..6.
-V2_S_STAGES: tuple[tuple[str, int, int, int, int, int, int], ...] = (
-    ("fused", 1, 3, 1, 24, 24, 2),
-    ("fused", 4, 3, 2, 24, 48, 4),
-    ("fused", 4, 3, 2, 48, 64, 4),
-    ("mb", 4, 3, 2, 64, 128, 6),
-    ("mb", 6, 3, 1, 128, 160, 9),
-    ("mb", 6, 3, 2, 160, 256, 15),
-)
-STEM_CHANNELS = 24
-HEAD_CHANNELS = 1280
-
-
 class ConvBNAct(nn.Sequential):
     """``0`` bias-free conv, padding (k-1)/2; ``1`` BatchNorm (eps 1e-3); ``2`` SiLU if ``act``.
 
@@ -121,16 +108,17 @@ class MBConv(nn.Module):
         return out + x if self.residual else out
 
 
-def efficientnet_v2_s_features() -> nn.Sequential:
-    """EfficientNetV2-S ``features``: [B, 3, H, W] -> [B, 1280, ceil(H/32), ceil(W/32)]."""
-    layers: list[nn.Module] = [ConvBNAct(3, STEM_CHANNELS, 3, stride=2)]
-    for kind, expand, k, stride, c_in, c_out, n in V2_S_STAGES:
+def efficientnet_features(config: EfficientNetConfig | None = None) -> nn.Sequential:
+    """EfficientNet ``features`` (V2-S by default): [B, 3, H, W] -> [B, head, ceil(H/32), ceil(W/32)]."""
+    config = config or EfficientNetConfig()
+    layers: list[nn.Module] = [ConvBNAct(3, config.stem, 3, stride=2)]
+    for kind, expand, k, stride, c_in, c_out, n in config.stages:
         block = FusedMBConv if kind == "fused" else MBConv
         # Only the first layer of a stage strides and changes width.
         stage = [block(expand, k, stride, c_in, c_out)]
         stage += [block(expand, k, 1, c_out, c_out) for _ in range(n - 1)]
         layers.append(nn.Sequential(*stage))
-    layers.append(ConvBNAct(V2_S_STAGES[-1][5], HEAD_CHANNELS, 1))
+    layers.append(ConvBNAct(config.stages[-1][5], config.head, 1))
     return nn.Sequential(*layers)
 
 
@@ -140,9 +128,9 @@ class EfficientNetEncoder(nn.Module):
     def __init__(self, config: EfficientNetConfig) -> None:
         super().__init__()
         self.config = config
-        self.backbone = efficientnet_v2_s_features()
+        self.backbone = efficientnet_features(config)
         self.mapper = nn.Sequential(
-            nn.Conv2d(HEAD_CHANNELS, config.c_latent, kernel_size=1, bias=False),
+            nn.Conv2d(config.head, config.c_latent, kernel_size=1, bias=False),
             nn.BatchNorm2d(config.c_latent, affine=False),
         )
 

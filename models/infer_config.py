@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 
 from models.config import (
     HEAD_DIM,
+    V2_S_STRIDES,
     EfficientNetConfig,
     PreviewerConfig,
     StageAConfig,
@@ -390,8 +391,39 @@ def infer_previewer_config(shapes: Shapes) -> PreviewerConfig:
 
 
 def infer_effnet_config(shapes: Shapes) -> EfficientNetConfig:
-    """EfficientNetConfig from ``effnet_encoder.safetensors`` shapes (the backbone itself is fixed)."""
-    return EfficientNetConfig(c_latent=_shape(shapes, "mapper.0.weight", "EfficientNet encoder")[0])
+    """EfficientNetConfig from ``effnet_encoder.safetensors`` shapes: widths, layer counts, block
+    types, expand ratios and kernels are read from the tensors; the six stage strides are V2-S's
+    (``V2_S_STRIDES``), which shapes cannot show."""
+    what = "EfficientNet encoder"
+    stem = _shape(shapes, "backbone.0.0.weight", what)[0]
+    stages = []
+    for index, stride in enumerate(V2_S_STRIDES, start=1):
+        prefix = f"backbone.{index}."
+        layers = len({k[len(prefix):].split(".")[0] for k in shapes if k.startswith(prefix)})
+        if layers == 0:
+            raise ValueError(f"{what}: no tensors for stage {index} ({prefix}*)")
+        first = f"{prefix}0.block."
+        if f"{first}3.0.weight" in shapes:  # MBConv: expand, depthwise, SE, project
+            expand_w = _shape(shapes, f"{first}0.0.weight", what)
+            c_in, kernel = expand_w[1], _shape(shapes, f"{first}1.0.weight", what)[2]
+            c_out = _shape(shapes, f"{first}3.0.weight", what)[0]
+            kind, expand = "mb", expand_w[0] // c_in
+        else:  # FusedMBConv: k x k conv (to the expanded width, or to c_out when expand is 1)
+            conv = _shape(shapes, f"{first}0.0.weight", what)
+            c_in, kernel = conv[1], conv[2]
+            if f"{first}1.0.weight" in shapes:
+                kind, expand = "fused", conv[0] // c_in
+                c_out = _shape(shapes, f"{first}1.0.weight", what)[0]
+            else:
+                kind, expand, c_out = "fused", 1, conv[0]
+        stages.append((kind, expand, kernel, stride, c_in, c_out, layers))
+    head = _shape(shapes, f"backbone.{len(V2_S_STRIDES) + 1}.0.weight", what)[0]
+    return EfficientNetConfig(
+        c_latent=_shape(shapes, "mapper.0.weight", what)[0],
+        stem=stem,
+        stages=tuple(stages),
+        head=head,
+    )
 
 
 # ------------------------------------------------------------------------------------------ identification

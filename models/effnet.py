@@ -21,6 +21,7 @@ BN_EPS = 1e-3  # torchvision's EfficientNet BatchNorm eps; the mapper's BatchNor
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+
 class ConvBNAct(nn.Sequential):
     """``0`` bias-free conv, padding (k-1)/2; ``1`` BatchNorm (eps 1e-3); ``2`` SiLU if ``act``.
 

@@ -399,7 +399,7 @@ def infer_effnet_config(shapes: Shapes) -> EfficientNetConfig:
     stages = []
     for index, stride in enumerate(V2_S_STRIDES, start=1):
         prefix = f"backbone.{index}."
-        layers = len({k[len(prefix):].split(".")[0] for k in shapes if k.startswith(prefix)})
+        layers = len({k[len(prefix) :].split(".")[0] for k in shapes if k.startswith(prefix)})
         if layers == 0:
             raise ValueError(f"{what}: no tensors for stage {index} ({prefix}*)")
         first = f"{prefix}0.block."

@@ -27,7 +27,11 @@ DEMO_FILES = ("stage_a.safetensors", "stage_b.safetensors", "stage_c.safetensors
 def demo_model_dir() -> Path:
     """The demo model's folder (``assets/demo-model`` next to the ``models`` package: repository checkout or
     editable install). Raises FileNotFoundError naming what is missing."""
-    missing = [name for name in DEMO_FILES + ("text_encoder", "tokenizer") if not (DEMO_DIR / name).exists()]
+    missing = [
+        name
+        for name in DEMO_FILES + ("text_encoder", "tokenizer")
+        if not (DEMO_DIR / name).exists()
+    ]
     if missing:
         raise FileNotFoundError(f"demo model folder {DEMO_DIR} lacks {', '.join(missing)}")
     return DEMO_DIR
@@ -42,19 +46,31 @@ def read_demo_config(path: str | Path | None = None) -> dict[str, Any]:
         meta = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{file}: cannot read the demo config ({e})") from None
-    wrong = [f"{key!r} must be a {kind.__name__}" for key, kind in (
-        ("name", str), ("description", str), ("demo", bool), ("defaults", dict), ("limits", dict),
-        ("prompts", dict))
-        if not isinstance(meta.get(key), kind)]
+    wrong = [
+        f"{key!r} must be a {kind.__name__}"
+        for key, kind in (
+            ("name", str),
+            ("description", str),
+            ("demo", bool),
+            ("defaults", dict),
+            ("limits", dict),
+            ("prompts", dict),
+        )
+        if not isinstance(meta.get(key), kind)
+    ]
     if wrong:
         raise ValueError(f"{file}: field {wrong[0]}")
     fields = set(SamplingDefaults.__dataclass_fields__)
     if set(meta["defaults"]) != fields:
-        raise ValueError(f"{file}: 'defaults' must have exactly the fields {sorted(fields)}, "
-                         f"got {sorted(meta['defaults'])}")
+        raise ValueError(
+            f"{file}: 'defaults' must have exactly the fields {sorted(fields)}, "
+            f"got {sorted(meta['defaults'])}"
+        )
     if set(meta["limits"]) - {"min_size", "max_size"}:
         raise ValueError(f"{file}: 'limits' may only hold min_size and max_size")
-    PromptGrammar.from_config(meta["prompts"], source=f"{file}: 'prompts'")  # the warnings rely on it
+    PromptGrammar.from_config(
+        meta["prompts"], source=f"{file}: 'prompts'"
+    )  # the warnings rely on it
     return meta
 
 
@@ -72,6 +88,7 @@ def load_demo_pipeline(
     ``CascadePipeline.from_snapshot``.
     """
     from models import weights
+    from models.clip_image import ClipImageEncoder
     from models.text import TextEncoder
 
     folder = Path(path) if path is not None else demo_model_dir()
@@ -85,15 +102,31 @@ def load_demo_pipeline(
     text_encoder = TextEncoder.from_pretrained(folder, device=device, dtype=torch.float32)
     limits = meta["limits"]
     preview_file = folder / "previewer.safetensors"  # optional: without it, no previews
-    previewer = weights.load_previewer(preview_file, device=device) if preview_file.exists() else None
+    previewer = (
+        weights.load_previewer(preview_file, device=device) if preview_file.exists() else None
+    )
+    # Optional as for real weights: the image encoder (image-to-image) and CLIP image tower (variations).
+    effnet_file = folder / "effnet_encoder.safetensors"
+    image_encoder = (
+        weights.load_effnet(effnet_file, device=device) if effnet_file.exists() else None
+    )
+    clip_image = (
+        ClipImageEncoder.from_pretrained(folder, device=device)
+        if ClipImageEncoder.present(folder)
+        else None
+    )
     return CascadePipeline(
         stage_c,
         stage_b,
         stage_a,
         text_encoder,
         defaults=SamplingDefaults(**meta["defaults"]),
-        limits=Limits.for_models(stage_a.config, stage_b.config, min_size=limits.get("min_size", 64),
-                                 max_size=limits.get("max_size", 512)),
+        limits=Limits.for_models(
+            stage_a.config,
+            stage_b.config,
+            min_size=limits.get("min_size", 64),
+            max_size=limits.get("max_size", 512),
+        ),
         model_info={
             "name": meta["name"],
             "demo": True,
@@ -105,4 +138,6 @@ def load_demo_pipeline(
         dtype=dtype,
         cuda_graphs=cuda_graphs,
         previewer=previewer,
+        image_encoder=image_encoder,
+        clip_image=clip_image,
     )

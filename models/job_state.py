@@ -43,8 +43,11 @@ class GridPosition:
     step: int = 0
 
     @classmethod
-    def on_grid(cls, steps: int, shift: float, device: torch.device) -> GridPosition:
-        logsnrs = logsnr_grid(steps, shift)
+    def on_grid(
+        cls, steps: int, shift: float, device: torch.device, t_start: float = 1.0
+    ) -> GridPosition:
+        """The grid t = linspace(t_start, 0, steps + 1) (t_start < 1: image-to-image)."""
+        logsnrs = logsnr_grid(steps, shift, t_start)
         r = noise_cond(logsnrs[:-1]).to(device=device, dtype=torch.float32)
         return cls(steps, r, step_coefficients(logsnrs))
 

@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
+from models.clip_image import ClipImageEncoder
 from models.config import StageAConfig, StageBConfig
 from models.cuda_graphs import GraphCache
 from models.job_state import JobState, StepEvent
@@ -100,8 +102,15 @@ class CascadePipeline:
         dtype: torch.dtype = torch.float32,
         cuda_graphs: bool = False,
         previewer: nn.Module | None = None,
+        image_encoder: nn.Module | None = None,
+        clip_image: ClipImageEncoder | None = None,
     ) -> None:
         self.device = torch.device(device)
+        if clip_image is not None and clip_image.dim != stage_c.config.c_clip_img:
+            raise ValueError(
+                f"the CLIP image tower gives {clip_image.dim}-d embeddings, Stage C takes "
+                f"{stage_c.config.c_clip_img}-d clip_img"
+            )
         # Stage C / Stage B forwards replayed as CUDA graphs (models/cuda_graphs.py); CUDA only.
         graphs = (
             {"prior": GraphCache(), "decoder": GraphCache()}
@@ -124,6 +133,14 @@ class CascadePipeline:
             device=self.device,
             dtype=dtype,
             graphs=graphs,
+            # EfficientNet encoder for image-to-image (effnet_encoder.safetensors), CLIP image
+            # tower for variations (image_encoder/); None: requests that need them get a 4xx.
+            image_encoder=(
+                image_encoder.to(self.device).eval().requires_grad_(False)
+                if image_encoder is not None
+                else None
+            ),
+            clip_image=clip_image,
         )
         self.defaults = defaults or SamplingDefaults()
         self.limits = limits or Limits.for_models(
@@ -136,6 +153,8 @@ class CascadePipeline:
             "dtype": str(dtype).removeprefix("torch."),
             "cuda_graphs": self.graphs is not None,
             "previews": self.previewer is not None,
+            "image_to_image": image_encoder is not None,
+            "image_variation": clip_image is not None,
             **(model_info or {}),
         }
 
@@ -185,6 +204,7 @@ class CascadePipeline:
             prefer_bf16=dtype == torch.bfloat16,
         )
         text_root = next((r for r in roots if (r / "text_encoder").is_dir()), roots[0])
+        clip_root = next((r for r in roots if ClipImageEncoder.present(r)), None)
         return cls(
             weights.load_stage_c(files.stage_c, device=device, dtype=dtype),
             weights.load_stage_b(files.stage_b, device=device, dtype=dtype),
@@ -195,6 +215,18 @@ class CascadePipeline:
             previewer=(
                 weights.load_previewer(files.previewer, device=device, dtype=torch.float32)
                 if files.previewer is not None
+                else None
+            ),
+            # Optional too: effnet_encoder.safetensors (image-to-image), image_encoder/ +
+            # feature_extractor/ (variations, the CLIP tower in the text tower's dtype).
+            image_encoder=(
+                weights.load_effnet(files.effnet, device=device, dtype=torch.float32)
+                if files.effnet is not None
+                else None
+            ),
+            clip_image=(
+                ClipImageEncoder.from_pretrained(clip_root, device=device, dtype=dtype)
+                if clip_root is not None
                 else None
             ),
             model_info={
@@ -236,6 +268,42 @@ class CascadePipeline:
         _check_range(params, "cfg_rho", 0.0, 1.0)
         _check_range(params, "num_images", 1, lim.max_num_images, integer=True)
         _check_range(params, "seed", 0, MAX_SEED - params.num_images + 1, integer=True)
+        self._validate_image(params)
+
+    def _validate_image(self, params: GenerationParams) -> None:
+        """The image fields: a picture for strength < 1 or image_variation, a strength that
+        leaves at least one Stage C step, and the encoder each needs."""
+        v = params.strength
+        if not _is_real(v) or not 0 < v <= 1:
+            raise InvalidParams("strength", f"must be a number > 0 and <= 1, got {v!r}")
+        if not isinstance(params.image_variation, bool):
+            raise InvalidParams("image_variation", "must be true or false")
+        if params.image is None:
+            if v != 1:
+                raise InvalidParams("strength", "needs an image (image-to-image)")
+            if params.image_variation:
+                raise InvalidParams("image_variation", "needs an image")
+            return
+        if not isinstance(params.image, Image.Image) or params.image.mode != "RGB":
+            raise InvalidParams("image", "must be an RGB picture")
+        if params.uses_init_image and params.prior_start[0] < 1:
+            raise InvalidParams(
+                "strength",
+                f"must be at least 1 / prior_steps = {1 / params.prior_steps:.4g} "
+                f"(int(prior_steps x strength) Stage C steps are run), got {v!r}",
+            )
+        if params.uses_init_image and self.engine.image_encoder is None:
+            raise InvalidParams(
+                "image",
+                "this model has no image encoder for image-to-image "
+                "(effnet_encoder.safetensors in the weights folder)",
+            )
+        if params.image_variation and self.engine.clip_image is None:
+            raise InvalidParams(
+                "image",
+                "this model has no CLIP image encoder for image variations "
+                "(image_encoder/ and feature_extractor/ in the weights folder)",
+            )
 
     # ---- generation ----
 

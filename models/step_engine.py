@@ -11,8 +11,13 @@ on its request and seed, not on its neighbours or on which step they are at (up 
 rounding of batched kernels). Plain PyTorch: no threads, no asyncio. Not thread-safe.
 
 Conditioning (official semantics, plus negative prompts):
-- Stage C cond: clip_text / clip_text_pooled of the prompt, clip_img zeros [n, 1, c_clip_img].
-  Stage C uncond: the same for the negative prompt ("" when none; the official code only has "").
+- Stage C cond: clip_text / clip_text_pooled of the prompt, clip_img zeros [n, 1, c_clip_img]
+  (image variation: the CLIP image embedding of the request's picture, models/clip_image.py).
+  Stage C uncond: the same for the negative prompt ("" when none; the official code only has ""),
+  clip_img always zeros.
+- Image-to-image (strength < 1): Stage C starts from the picture's encoder latent noised to
+  t = strength, on the grid linspace(strength, 0, int(steps * strength) + 1) (models/init_image.py);
+  the noise comes from each image's generator, in place of text-to-image's initial noise.
 - Stage B cond: effnet = the Stage C latent, clip = pooled prompt. Stage B uncond: effnet zeros,
   clip = pooled "" (the negative prompt is not used there; Stage B's text input has little effect).
 
@@ -31,8 +36,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from models.clip_image import ClipImageEncoder
 from models.cuda_graphs import GraphCache
 from models.denoise_step import Forward, bucket_size, denoise_step
+from models.effnet import EfficientNetEncoder
+from models.init_image import encoder_pixels, noised_latent
 from models.job_state import Conditioning, GridPosition, JobState, Stage, StepEvent
 from models.request import GenerationParams, GenerationResult, NonFiniteOutput
 from models.sampler import draw_noise
@@ -65,18 +73,23 @@ class StepEngine:
         device: torch.device,
         dtype: torch.dtype,
         graphs: dict[str, GraphCache] | None = None,
+        image_encoder: nn.Module | None = None,
+        clip_image: ClipImageEncoder | None = None,
     ) -> None:
         self.stage_c, self.stage_b, self.stage_a = stage_c, stage_b, stage_a
         self.text_encoder = text_encoder
         self.device, self.dtype, self.graphs = device, dtype, graphs
+        # EfficientNet encoder (image-to-image) and CLIP image tower (variations); None: absent.
+        self.image_encoder, self.clip_image = image_encoder, clip_image
 
     # ---- creating states ----
 
     def start(self, batch: Sequence[GenerationParams]) -> list[JobState]:
         """A fresh state per request, in Stage.PRIOR at step 0: the prompts and negative prompts of
-        the whole batch go through the text encoder in one call, and each image's generator
-        (seeded seed + i) draws its initial Stage C noise. Every state's ``timings.text`` is the
-        time of that one call."""
+        the whole batch go through the text encoder in one call (the pictures of image requests
+        through the image encoders, batched too), and each image's generator (seeded seed + i)
+        draws its initial Stage C noise. Every state's ``timings.text`` is the time of these
+        calls."""
         batch = list(batch)
         if not batch:
             return []
@@ -85,6 +98,7 @@ class StepEngine:
             [p.prompt for p in batch] + [p.negative_prompt for p in batch]
         )
         empty = self.text_encoder.empty
+        latents, embeds = self._encode_init_images(batch), self._embed_images(batch)
         states = []
         for j, params in enumerate(batch):
             n = params.num_images
@@ -92,6 +106,10 @@ class StepEngine:
             (hc, wc), _ = latent_sizes(params.width, params.height)
             pos, neg = slice(j, j + 1), slice(len(batch) + j, len(batch) + j + 1)
             c_img = torch.zeros(n, 1, self.stage_c.config.c_clip_img, device=self.device)
+            steps, t_start = params.prior_start
+            x = draw_noise((self.stage_c.config.c_in, hc, wc), generators, self.device)
+            if j in latents:
+                x = noised_latent(latents[j], x, params.strength)
 
             def rows(t: Tensor, n: int = n) -> Tensor:
                 return t.expand(n, *t.shape[1:]).to(self.device)
@@ -101,14 +119,12 @@ class StepEngine:
                     params=params,
                     generators=generators,
                     stage=Stage.PRIOR,
-                    position=GridPosition.on_grid(
-                        params.prior_steps, params.prior_shift, self.device
-                    ),
+                    position=GridPosition.on_grid(steps, params.prior_shift, self.device, t_start),
                     conditioning=Conditioning(
                         cond={
                             "clip_text": rows(text.clip_text[pos]),
                             "clip_text_pooled": rows(text.clip_text_pooled[pos]),
-                            "clip_img": c_img,
+                            "clip_img": rows(embeds[j]) if j in embeds else c_img,
                         },
                         uncond={
                             "clip_text": rows(text.clip_text[neg]),
@@ -118,7 +134,7 @@ class StepEngine:
                         scale=float(params.prior_guidance_scale),
                         rho=float(params.cfg_rho),
                     ),
-                    x=draw_noise((self.stage_c.config.c_in, hc, wc), generators, self.device),
+                    x=x,
                     decoder_clip=(
                         rows(text.clip_text_pooled[pos]),
                         rows(empty.clip_text_pooled),
@@ -131,6 +147,38 @@ class StepEngine:
         for state in states:
             state.timings.text += elapsed
         return states
+
+    def _encode_init_images(self, batch: Sequence[GenerationParams]) -> dict[int, Tensor]:
+        """The encoder latent [1, 16, h, w] of the picture of each image-to-image request (by
+        index in ``batch``), one encoder forward per latent shape."""
+        wanted = [j for j, p in enumerate(batch) if p.uses_init_image]
+        if not wanted:
+            return {}
+        if self.image_encoder is None:
+            raise ValueError("image-to-image needs an image encoder (effnet_encoder.safetensors)")
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for j in wanted:
+            shape, _ = latent_sizes(batch[j].width, batch[j].height)
+            by_shape.setdefault(shape, []).append(j)
+        out: dict[int, Tensor] = {}
+        for shape, members in by_shape.items():
+            pixels = torch.stack([encoder_pixels(batch[j].image, shape) for j in members])
+            pixels = EfficientNetEncoder.preprocess(pixels.to(self.device))
+            with self.autocast():
+                encoded = self.image_encoder(pixels).float()
+            for k, j in enumerate(members):
+                out[j] = encoded[k : k + 1]
+        return out
+
+    def _embed_images(self, batch: Sequence[GenerationParams]) -> dict[int, Tensor]:
+        """The CLIP image embedding [1, 1, D] of the picture of each variation request."""
+        wanted = [j for j, p in enumerate(batch) if p.image_variation]
+        if not wanted:
+            return {}
+        if self.clip_image is None:
+            raise ValueError("image variation needs a CLIP image encoder (image_encoder/)")
+        embeds = self.clip_image.embed([batch[j].image for j in wanted]).to(self.device)
+        return {j: embeds[k : k + 1] for k, j in enumerate(wanted)}
 
     # ---- stepping ----
 

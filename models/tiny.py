@@ -11,7 +11,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.config import PreviewerConfig, StageAConfig, StageBConfig, StageCConfig
+from models.clip_image import ClipImageEncoder, ClipPreprocessing, random_clip_vision_model
+from models.config import (
+    EfficientNetConfig,
+    PreviewerConfig,
+    StageAConfig,
+    StageBConfig,
+    StageCConfig,
+)
+from models.effnet import EfficientNetEncoder
 from models.pipeline import CascadePipeline, Limits
 from models.previewer import Previewer
 from models.request import SamplingDefaults
@@ -23,6 +31,8 @@ from models.text import TextEncoder, build_byte_tokenizer, random_clip_text_mode
 # Small enough for a 2-core CPU (a 128 px image in well under a second); official guidance, shift
 # and rho.
 TINY_DEFAULTS = SamplingDefaults(width=128, height=128, prior_steps=6, decoder_steps=4)
+# CLIP's preprocessing at the tiny tower's 32 px input.
+TINY_CLIP_PREPROCESSING = ClipPreprocessing(shortest_edge=32, crop=(32, 32))
 
 
 def randomize_(module: nn.Module, seed: int, std: float) -> nn.Module:
@@ -53,6 +63,10 @@ def build_tiny_pipeline(seed: int = 0, device: torch.device | str = "cpu") -> Ca
     stage_b = randomize_(StageB(StageBConfig.tiny()), seed * 10 + 2, 0.05)
     stage_a = randomize_(StageA(StageAConfig.tiny()), seed * 10 + 3, 0.1)
     previewer = Previewer(PreviewerConfig(c_in=stage_c.config.c_in, c_hidden=32))
+    # Random image encoders (image-to-image, variations): BatchNorm at its initial statistics.
+    image_encoder = randomize_(EfficientNetEncoder(EfficientNetConfig.tiny()), seed * 10 + 5, 0.2)
+    clip_vision = random_clip_vision_model(stage_c.config.c_clip_img, seed=seed * 10 + 6)
+    clip_image = ClipImageEncoder(clip_vision, TINY_CLIP_PREPROCESSING, device=device)
     return CascadePipeline(
         stage_c,
         stage_b,
@@ -70,4 +84,6 @@ def build_tiny_pipeline(seed: int = 0, device: torch.device | str = "cpu") -> Ca
         device=device,
         dtype=torch.float32,
         previewer=randomize_(previewer, seed * 10 + 4, 0.1),
+        image_encoder=image_encoder,
+        clip_image=clip_image,
     )

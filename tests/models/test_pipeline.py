@@ -431,3 +431,41 @@ def test_cli_rejects_an_invalid_size(tmp_path, capsys):
     assert cli.main(["x", "-o", str(tmp_path / "a.png"), "--width", "70"]) == 2
     assert "width" in capsys.readouterr().err
     assert not (tmp_path / "a.png").exists()
+
+
+def test_a_snapshot_image_encoders_are_loaded_when_present(tiny_pipeline, tiny_snapshot, tmp_path):
+    """effnet_encoder.safetensors and image_encoder/ + feature_extractor/ are loaded when present
+    and give the in-memory pipeline's images; without them both flags are off."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import save_file
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from models.pipeline import CascadePipeline
+
+    without = CascadePipeline.from_snapshot(tiny_snapshot, device="cpu")
+    assert not without.model_info["image_to_image"] and not without.model_info["image_variation"]
+    root = tmp_path / "snapshot"
+    shutil.copytree(tiny_snapshot, root)
+    effnet = tiny_pipeline.engine.image_encoder.state_dict()
+    save_file({k: v.contiguous() for k, v in effnet.items()}, root / "effnet_encoder.safetensors")
+    tiny_pipeline.engine.clip_image.model.save_pretrained(root / "image_encoder")
+    CLIPImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(root / "feature_extractor")
+    loaded = CascadePipeline.from_snapshot(root, device="cpu")
+    assert loaded.model_info["image_to_image"] and loaded.model_info["image_variation"]
+    pixels = np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    p = params(
+        width=256,
+        height=256,
+        prompt="a cat",
+        seed=3,
+        image=Image.fromarray(pixels),
+        strength=0.6,
+        image_variation=True,
+    )
+    (expected,), (got,) = float_images(tiny_pipeline, [p]), float_images(loaded, [p])
+    assert (expected - got).abs().max() < 1e-5

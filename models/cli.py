@@ -42,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--negative-prompt", default="")
     p.add_argument(
-        "--weights", metavar="DIR", help="Stable Cascade snapshot directory (default: the built-in demo model)"
+        "--weights",
+        metavar="DIR",
+        help="Stable Cascade snapshot directory (default: the built-in demo model)",
     )
     p.add_argument("--prior-variant", choices=("lite", "big"), default="lite")
     p.add_argument("--decoder-variant", choices=("lite", "big"), default="lite")
@@ -54,7 +56,48 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help=f"0 .. {MAX_SEED}; default: random (printed)")
     for name in _SAMPLING:
         p.add_argument("--" + name.replace("_", "-"), type=int if name.endswith("steps") else float)
+    p.add_argument(
+        "--image",
+        metavar="FILE",
+        help="input picture: image-to-image (with a prompt) or a "
+        'variation (with an empty prompt ""); default size: the picture\'s, snapped',
+    )
+    p.add_argument(
+        "--strength",
+        type=float,
+        help="with --image: how far from the picture to start, (0, 1]; default 0.8 with a prompt, "
+        "1.0 (a variation from noise) without",
+    )
+    p.add_argument(
+        "--image-variation",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="condition on the picture's CLIP embedding (default: when the prompt is empty)",
+    )
     return p
+
+
+def image_fields(args: argparse.Namespace, pipe: CascadePipeline) -> dict[str, object]:
+    """The image fields of the request (empty without --image): the picture, the strength and
+    the variation flag with their defaults, and the picture's size snapped to the model's
+    limits when --width / --height are not given."""
+    from PIL import Image
+
+    from models.picture import as_rgb
+
+    if args.image is None:
+        return {}
+    with Image.open(args.image) as opened:
+        picture = as_rgb(opened)
+    empty = not args.prompt.strip()
+    fields: dict[str, object] = {
+        "image": picture,
+        "strength": args.strength if args.strength is not None else (1.0 if empty else 0.8),
+        "image_variation": args.image_variation if args.image_variation is not None else empty,
+    }
+    if args.width is None and args.height is None:
+        fields["width"], fields["height"] = pipe.limits.snap(*picture.size)
+    return fields
 
 
 def _progress(stage: str, step: int, total: int) -> None:
@@ -116,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         negative_prompt=args.negative_prompt,
         num_images=args.num_images,
         seed=seed,
-        **given,
+        **{**image_fields(args, pipe), **given},
     )
     print(
         f"model: {pipe.model_info.get('name')} ({pipe.model_info.get('weights', '')}) "

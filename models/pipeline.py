@@ -81,6 +81,24 @@ class Limits:
             )
         return cls(min_size=min_size, max_size=max_size, size_step=step, **other)  # type: ignore[arg-type]
 
+    def snap(self, width: int, height: int) -> tuple[int, int]:
+        """The allowed (width, height) nearest to a picture's size: scaled (aspect ratio kept) to
+        fit in [min_size, max_size] when a side is out of it, then each side rounded to the nearest
+        multiple of size_step within the range. E.g. 1000 x 744 -> 1000 x 744; 4000 x 3000 with
+        max 2048 -> 2048 x 1536."""
+        if width < 1 or height < 1:
+            raise ValueError(f"a picture has a positive size, got {width} x {height}")
+        scale = min(1.0, self.max_size / max(width, height))
+        scale = max(
+            scale, min(self.min_size / min(width, height), self.max_size / max(width, height))
+        )
+        step = self.size_step
+
+        def side(v: float) -> int:
+            return min(self.max_size, max(self.min_size, step * round(v * scale / step)))
+
+        return side(width), side(height)
+
 
 class CascadePipeline:
     """The three stages plus the text encoder, on one device, and the step engine over them.

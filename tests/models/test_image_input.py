@@ -218,3 +218,17 @@ def test_a_model_without_the_encoders_names_the_missing_files(tiny_pipeline):
     with pytest.raises(InvalidParams, match="image_encoder/"):
         bare.validate(_params(bare, image=picture, image_variation=True))
     bare.validate(_params(bare, image=picture, strength=1.0))  # text-to-image needs neither
+
+
+@pytest.mark.parametrize(
+    ("size", "snapped"),
+    [
+        ((128, 128), (128, 128)),
+        ((1000, 744), (512, 384)),  # longer side to 512, aspect kept
+        ((131, 70), (128, 72)),  # nearest multiples of 8
+        ((30, 20), (96, 64)),  # shorter side up to 64
+        ((10, 1000), (64, 512)),  # both bounds: as close as the range allows
+    ],
+)
+def test_a_pictures_size_snaps_to_the_nearest_allowed_size(tiny_pipeline, size, snapped):
+    assert tiny_pipeline.limits.snap(*size) == snapped

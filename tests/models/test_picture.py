@@ -1,0 +1,52 @@
+"""Input pictures are made upright, opaque and RGB before encoding (models/picture.py)."""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image
+
+from models.picture import as_rgb
+
+
+def _reopened(picture: Image.Image, fmt: str, **save) -> Image.Image:
+    buffer = io.BytesIO()
+    picture.save(buffer, fmt, **save)
+    buffer.seek(0)
+    return Image.open(buffer)
+
+
+def test_exif_orientation_is_applied():
+    picture = Image.new("RGB", (40, 20), (255, 0, 0))
+    picture.paste((0, 0, 255), (0, 0, 10, 20))  # blue on the left
+    exif = picture.getexif()
+    exif[0x0112] = 6  # stored sideways: rotate 90 degrees clockwise to view
+    upright = as_rgb(_reopened(picture, "PNG", exif=exif))
+    assert upright.size == (20, 40) and upright.mode == "RGB"
+    assert upright.getpixel((10, 2))[2] > 200  # the blue side is now at the top
+    assert upright.getpixel((10, 37))[0] > 200
+
+
+def test_transparency_is_composited_on_white():
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    rgba.putpixel((0, 0), (255, 0, 0, 255))
+    rgba.putpixel((1, 0), (0, 0, 0, 128))
+    out = as_rgb(_reopened(rgba, "PNG"))
+    assert out.getpixel((3, 3)) == (255, 255, 255)
+    assert out.getpixel((0, 0)) == (255, 0, 0)
+    assert all(126 <= v <= 128 for v in out.getpixel((1, 0)))  # half black on white
+    grey = as_rgb(Image.new("LA", (2, 2), (0, 0)))
+    assert grey.getpixel((0, 0)) == (255, 255, 255)
+    palette = Image.new("P", (2, 2), 0)
+    palette.putpalette([0, 0, 0, 255, 0, 0])
+    palette.info["transparency"] = 0
+    assert as_rgb(palette).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_an_animated_picture_gives_its_first_frame():
+    frames = [Image.new("RGB", (8, 8), c) for c in ((0, 255, 0), (255, 0, 0))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "WEBP", save_all=True, append_images=frames[1:], lossless=True)
+    animated = Image.open(buffer)
+    animated.seek(1)
+    assert as_rgb(animated).getpixel((4, 4)) == (0, 255, 0)

@@ -36,6 +36,18 @@ class BodyTooLarge(ServiceError):
     status, code, reason = 413, "body_too_large", "too_large"
 
 
+class ImageTooLarge(BodyTooLarge):
+    """An input image file over CASCADE_MAX_IMAGE_BYTES (the rest of the body may be fine)."""
+
+    code = "image_too_large"
+
+
+class InvalidForm(ServiceError):
+    """A multipart/form-data body that cannot be parsed (the routes that take an upload)."""
+
+    status, code, reason = 400, "invalid_form", "invalid"
+
+
 class Unavailable(ServiceError):
     """503: the server cannot take the request now; the client should retry (elsewhere or later)."""
 

@@ -25,6 +25,9 @@ from pydantic import (
 )
 
 ENV_PREFIX = "CASCADE_"
+# Pillow's decompression-bomb threshold (PIL.Image.MAX_IMAGE_PIXELS, 89.5 MP), the most
+# CASCADE_MAX_IMAGE_PIXELS may allow; a constant here so reading the settings imports no Pillow.
+PILLOW_MAX_IMAGE_PIXELS = 89_478_485
 # Read by other modules (service/auth.py, service/access_log.py) or by the deployment files themselves.
 OTHER_VARIABLES = frozenset(
     {
@@ -134,6 +137,22 @@ class Settings(BaseModel):
     )
     max_body_bytes: int = Field(
         65_536, ge=1024, description="Largest request body accepted (413 above), chunked or not."
+    )
+    max_image_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=1024,
+        le=256 * 1024 * 1024,
+        description="Largest input image file (image-to-image, variation; 413 above), on the "
+        "routes that take one. The rest of such a request stays within CASCADE_MAX_BODY_BYTES; "
+        "base64 in JSON makes the image 4/3 larger, which the body limit of that route allows.",
+    )
+    max_image_pixels: int = Field(
+        4096 * 4096,
+        ge=64 * 64,
+        le=PILLOW_MAX_IMAGE_PIXELS,
+        description="Most pixels (width x height) of an input image, read from its header before "
+        "decoding, so a small file declaring a huge picture is refused without being decoded. At "
+        "most Pillow's own decompression-bomb threshold.",
     )
     max_prompt_chars: int = Field(
         2000,

@@ -11,7 +11,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 from starlette.datastructures import MutableHeaders
@@ -31,12 +31,17 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 class RequestMiddleware:
     """Assigns the request id (a client's X-Request-ID if sane), refuses bodies over
-    ``max_body_bytes`` with 413 before anything parses them (by Content-Length, or by counting
-    chunked bodies), and records cascade_requests_total / cascade_request_duration_seconds for
+    ``max_body_bytes`` (or their route's own limit, ``route_limits``) with 413 before anything
+    parses them (by Content-Length, or by counting chunked bodies), and records cascade_requests_total / cascade_request_duration_seconds for
     every response, errors included."""
 
     def __init__(
-        self, app: ASGIApp, metrics: Metrics, max_body_bytes: int, endpoints: frozenset[str]
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        max_body_bytes: int,
+        endpoints: frozenset[str],
+        route_limits: Mapping[str, tuple[int, str]] | None = None,
     ) -> None:
         self.app, self.metrics, self.max_body_bytes, self.endpoints = (
             app,
@@ -44,6 +49,9 @@ class RequestMiddleware:
             max_body_bytes,
             endpoints,
         )
+        # path -> (largest body, the 413 message): the routes that take an image allow more
+        # (service/upload_limits.py)
+        self.route_limits = dict(route_limits or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -69,11 +77,12 @@ class RequestMiddleware:
             await send(message)
 
         try:
-            body_receive = await self._read_body(scope, receive)
+            limit, message = self._limit(scope["path"])
+            body_receive = await self._read_body(scope, receive, limit, state)
             if body_receive is None:
                 state["outcome"] = "too_large"
                 self.metrics.rejected.labels("too_large").inc()
-                await self._send_too_large(scope["path"], request_id, send_with_id)
+                await self._send_too_large(scope["path"], request_id, message, send_with_id)
             else:
                 await self.app(scope, body_receive, send_with_id)
         except Exception:
@@ -84,11 +93,21 @@ class RequestMiddleware:
             endpoint = scope["path"] if scope["path"] in self.endpoints else "other"
             self.metrics.observe_request(endpoint, status, outcome, time.monotonic() - started)
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> Receive | None:
-        """Read the whole body (at most max_body_bytes); return a receive that replays it, or
-        None if too big."""
+    def _limit(self, path: str) -> tuple[int, str]:
+        if path in self.route_limits:
+            return self.route_limits[path]
+        return self.max_body_bytes, (
+            f"the request body is larger than {self.max_body_bytes} bytes "
+            "(CASCADE_MAX_BODY_BYTES); send a smaller body"
+        )
+
+    async def _read_body(
+        self, scope: Scope, receive: Receive, limit: int, state: MutableMapping[str, Any]
+    ) -> Receive | None:
+        """Read the whole body (at most ``limit`` bytes); return a receive that replays it, or
+        None if too big. Its size goes in ``state["body_bytes"]`` for the routes' own checks."""
         length = _header(scope, b"content-length")
-        too_big = length is not None and length.isdigit() and int(length) > self.max_body_bytes
+        too_big = length is not None and length.isdigit() and int(length) > limit
         chunks: list[bytes] = []
         size, more, first = 0, True, None
         while more and not too_big:
@@ -99,10 +118,11 @@ class RequestMiddleware:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             more = message.get("more_body", False)
-            too_big = size > self.max_body_bytes
+            too_big = size > limit
         if too_big:
-            await self._discard_rest(receive, more, size)
+            await self._discard_rest(receive, more, size, limit)
             return None
+        state["body_bytes"] = size
         replay: Message = first or {
             "type": "http.request",
             "body": b"".join(chunks),
@@ -119,11 +139,11 @@ class RequestMiddleware:
 
         return replay_receive
 
-    async def _discard_rest(self, receive: Receive, more: bool, size: int) -> None:
+    async def _discard_rest(self, receive: Receive, more: bool, size: int, limit: int) -> None:
         """Read (and drop) the rest of an oversized body, bounded in bytes and in time: a socket
         closed with unread data resets the connection and the client may lose the 413 answer, but
         a client that declares a big body and stalls must not hold the connection open."""
-        limit = 4 * self.max_body_bytes + 1_048_576
+        limit = 4 * limit + 1_048_576
         until = time.monotonic() + DISCARD_BODY_S
         while more and size < limit:
             try:
@@ -135,11 +155,7 @@ class RequestMiddleware:
             size += len(message.get("body", b""))
             more = message.get("more_body", False)
 
-    async def _send_too_large(self, path: str, request_id: str, send: Send) -> None:
-        message = (
-            f"the request body is larger than {self.max_body_bytes} bytes "
-            "(CASCADE_MAX_BODY_BYTES); send a smaller body"
-        )
+    async def _send_too_large(self, path: str, request_id: str, message: str, send: Send) -> None:
         status, error = error_body(path, 413, "body_too_large", message, None, request_id)
         body = json.dumps(error).encode()
         headers = [

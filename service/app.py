@@ -26,6 +26,7 @@ from service.auth import install_auth, request_owner
 from service.cors import install_cors
 from service.engine import Pipeline, load_pipeline
 from service.errors import InternalError, InvalidJson, InvalidRequest, ServiceError
+from service.image_requests import json_image_input
 from service.imaging import encode_b64_png, encode_png, png_parameters_of
 from service.jobs import JobResult
 from service.metrics import Metrics
@@ -48,6 +49,7 @@ from service.runtime import Runtime
 from service.schemas import ErrorResponse, GenerateRequest, GenerateResponse, Health, RequestState
 from service.settings import Settings
 from service.streaming import event_schema, event_stream, every_k_steps, wants_stream
+from service.upload_limits import body_bytes, oversized, route_limits
 
 logger = logging.getLogger("service.app")
 
@@ -154,6 +156,7 @@ def create_app(
     )
     async def generate(body: GenerateRequest, request: Request) -> Response:
         received_at: float = getattr(request.state, "received_at", time.monotonic())
+        body.check_prompt_and_image()
         engine = runtime.accepting()
         accept = request.headers.get("accept", "")
         streaming = wants_stream(body.stream, accept)
@@ -164,8 +167,9 @@ def create_app(
                 field="response_format",
             )
         raw_png = not streaming and wants_png(body.response_format, accept)
-        params = build_params(body, engine, settings, raw_png)
-        warnings = prompt_warnings(body, engine.model_info)
+        image = await json_image_input(runtime, body, body_bytes(request), settings)
+        params = build_params(body, engine, settings, raw_png, image)
+        warnings = prompt_warnings(params, engine.model_info)
         preview_steps = frozenset[int]()
         if body.preview_every is not None:
             if not streaming:
@@ -175,7 +179,7 @@ def create_app(
                     field="preview_every",
                 )
             if engine.previews:
-                preview_steps = every_k_steps(body.preview_every, params.prior_steps)
+                preview_steps = every_k_steps(body.preview_every, params.prior_start[0])
             else:
                 warnings.append(NO_PREVIEWER)
         request_id = request.state.request_id
@@ -189,7 +193,9 @@ def create_app(
             )
             metrics.encode_duration.labels("b64_json").observe(seconds)
             timings = timings_of(done, seconds, received_at)
-            return response_body(done, b64, timings, engine.model_info, request_id, warnings)
+            return response_body(
+                done, b64, timings, engine.model_info, request_id, warnings, params
+            )
 
         if streaming:
             request.state.outcome = "stream"
@@ -204,7 +210,7 @@ def create_app(
             )
             metrics.encode_duration.labels("png").observe(seconds)
             timings = timings_of(done, seconds, received_at)
-            return png_response(done, png, timings, engine.model_info, warnings)
+            return png_response(done, png, timings, engine.model_info, warnings, params)
         return JSONResponse(await b64_body(done), headers=warning_header(warnings))
 
     @app.get(
@@ -305,6 +311,7 @@ def create_app(
         metrics=metrics,
         max_body_bytes=settings.max_body_bytes,
         endpoints=endpoints,
+        route_limits=route_limits(settings),
     )
     install_cors(app, settings)
     install_access_log(app)
@@ -335,6 +342,10 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics, settings: Settings) -> N
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # a body over the JSON limit without an image is too large before it is invalid
+        too_large = oversized(request.url.path, body_bytes(request), exc.body, settings)
+        if too_large is not None:
+            return reply(request, too_large)
         if is_openai_path(request.url.path):
             return reply(request, from_validation(exc))
         return reply(request, _from_validation(exc))

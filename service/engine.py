@@ -158,6 +158,11 @@ class Engine:
         return dict(self.pipeline.model_info)
 
     @property
+    def limits(self) -> Any:
+        """What a request may ask for (models.pipeline.Limits: sizes, steps, guidance)."""
+        return self.pipeline.limits
+
+    @property
     def device(self) -> torch.device:
         return torch.device(self.pipeline.device)
 

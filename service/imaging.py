@@ -11,7 +11,8 @@ image tools (AUTOMATIC1111's web UI) use, adapted to Stable Cascade's two sample
     Prior steps: 20, Prior CFG: 4.0, Decoder steps: 10, Decoder CFG: 1.5, Seed: 42, Size: 128x128, Model: demo-shapes
 
 The negative prompt line is left out when it is empty; ``Seed`` is the image's own (seed + i for
-image i). Nothing in it varies between runs (no time, no request id), so the same request and seed
+image i). A request with an input image adds ``Strength: 0.8, Image variation: false`` (the
+effective values; the input image itself is never stored). Nothing in it varies between runs (no time, no request id), so the same request and seed
 still give the same bytes. The chunk is tEXt (Latin-1), or iTXt (UTF-8) when the prompts have other
 characters.
 """
@@ -67,6 +68,9 @@ def png_parameters(params: GenerationParams, index: int, model: str) -> str:
         "Size": f"{params.width}x{params.height}",
         "Model": model,
     }
+    if params.image is not None:  # what was done with it; never the image itself
+        settings["Strength"] = float(params.strength)
+        settings["Image variation"] = str(params.image_variation).lower()
     lines.append(", ".join(f"{name}: {value}" for name, value in settings.items()))
     return "\n".join(lines)
 

@@ -40,8 +40,8 @@ def install_openapi(
         fields = schema["components"]["schemas"]["GenerateRequest"]["properties"]
         for name in ("prompt", "negative_prompt"):
             _constrain(fields[name], maxLength=settings.max_prompt_chars)
-        # no control characters but tab and newlines; the prompt also not blank
-        _constrain(fields["prompt"], pattern=f"^{_TEXT}*{_VISIBLE}{_TEXT}*$")
+        # no control characters but tab and newlines; the prompt also not blank without an image
+        _constrain(fields["prompt"], pattern=f"^{_TEXT}*$")
         _constrain(fields["negative_prompt"], pattern=f"^{_TEXT}*$")
         # raw PNG holds one image; a stream carries base64 images and is the only place for
         # previews (Accept: text/event-stream also asks for a stream: the schema cannot say so)
@@ -66,6 +66,7 @@ def install_openapi(
                 },
                 "then": {"properties": {"stream": {"const": True}}, "required": ["stream"]},
             },
+            *IMAGE_RULES,
         ]
         max_images = settings.max_batch_images
         if runtime.engine is not None:
@@ -96,6 +97,52 @@ def install_openapi(
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+_NOT_BLANK = {"pattern": f"^{_TEXT}*{_VISIBLE}{_TEXT}*$"}
+_NULL = {"type": "null"}
+_HAS_IMAGE = {"required": ["image"], "properties": {"image": {"type": "string"}}}
+# The rules of schemas.GenerateRequest.check_prompt_and_image and image_requests.image_defaults:
+# without an image the prompt is required and not blank, strength / image_variation null; with
+# one, the image must be used: not strength 1 (given, or by default with an empty prompt)
+# together with image_variation false (given, or by default with a prompt).
+IMAGE_RULES: list[dict[str, Any]] = [
+    {
+        "if": _HAS_IMAGE,
+        "then": {
+            "not": {
+                "anyOf": [
+                    {
+                        "required": ["strength"],
+                        "properties": {"strength": {"const": 1}},
+                        "anyOf": [
+                            {
+                                "required": ["image_variation"],
+                                "properties": {"image_variation": {"const": False}},
+                            },
+                            {
+                                "required": ["prompt"],
+                                "properties": {"prompt": _NOT_BLANK, "image_variation": _NULL},
+                            },
+                        ],
+                    },
+                    {
+                        "required": ["image_variation"],
+                        "properties": {
+                            "image_variation": {"const": False},
+                            "strength": _NULL,
+                            "prompt": {"pattern": r"^\s*$"},
+                        },
+                    },
+                ]
+            }
+        },
+        "else": {
+            "required": ["prompt"],
+            "properties": {"prompt": _NOT_BLANK, "strength": _NULL, "image_variation": _NULL},
+        },
+    }
+]
+
+
 def _constrain(field: dict[str, Any], **constraints: Any) -> None:
     """Add JSON-schema constraints to a field, or to the non-null branch of an optional field."""
     branches = [b for b in field.get("anyOf", [field]) if b.get("type") != "null"]
@@ -113,13 +160,20 @@ def _constrain_openai(
         if path.startswith(("/v1/images/", "/v1/models")):
             for operation in operations.values():
                 operation.get("responses", {}).pop("422", None)
-    request = schema["components"]["schemas"].get("ImageGenerationRequest")
-    if request is None:
-        return
-    fields = request["properties"]
-    for name in ("prompt", "negative_prompt"):
-        _constrain(fields[name], maxLength=settings.max_prompt_chars)
-    _constrain(fields["prompt"], pattern=f"^{_TEXT}*{_VISIBLE}{_TEXT}*$")
+    components = schema["components"]["schemas"]
+    for name in ("ImageGenerationRequest",):
+        if name in components:
+            _constrain_openai_request(components[name]["properties"], runtime, settings, max_images)
+
+
+def _constrain_openai_request(
+    fields: dict[str, Any], runtime: Runtime, settings: Settings, max_images: int
+) -> None:
+    """One OpenAI request body's limits (the fields it has of these)."""
+    if "prompt" in fields:
+        _constrain(fields["prompt"], pattern=f"^{_TEXT}*{_VISIBLE}{_TEXT}*$")
+        _constrain(fields["prompt"], maxLength=settings.max_prompt_chars)
+    _constrain(fields["negative_prompt"], maxLength=settings.max_prompt_chars)
     _constrain(fields["negative_prompt"], pattern=f"^{_TEXT}*$")
     _constrain(fields["n"], maximum=max_images)
     if runtime.engine is None:

@@ -16,6 +16,7 @@ from models.demo_vocabulary import grammar_for_model
 from models.request import MAX_SEED, GenerationParams, InvalidParams
 from service.engine import Engine
 from service.errors import InvalidRequest
+from service.image_requests import ImageInput, output_size
 from service.jobs import JobResult
 from service.schemas import GenerateRequest, GenerateResponse, ImageData, Timings
 from service.settings import Settings
@@ -50,10 +51,14 @@ def wants_png(response_format: str | None, accept: str) -> bool:
 
 
 def build_params(
-    body: GenerateRequest, engine: Engine, settings: Settings, raw_png: bool
+    body: GenerateRequest,
+    engine: Engine,
+    settings: Settings,
+    raw_png: bool,
+    image: ImageInput | None = None,
 ) -> GenerationParams:
-    """Fill omitted fields from the model's defaults, pick a seed, and run every check;
-    InvalidRequest (422)."""
+    """Fill omitted fields from the model's defaults (with an image, its size), pick a seed, and
+    run every check; InvalidRequest (422)."""
     check_num_images(body.num_images, settings)
     if raw_png and body.num_images > 1:
         raise InvalidRequest(
@@ -62,14 +67,20 @@ def build_params(
             field="num_images",
         )
     given = {name: getattr(body, name) for name in OPTIONAL_SAMPLING}
+    if image is not None:
+        given["width"], given["height"] = output_size(
+            engine.limits, image.image.size, body.width, body.height
+        )
     return validated_params(
         engine,
         settings,
-        prompt=body.prompt,
+        # an image variation's empty caption is "" (spec §7.8), whatever blanks were sent
+        prompt=body.prompt if body.prompt.strip() else "",
         negative_prompt=body.negative_prompt,
         num_images=body.num_images,
         seed=body.seed,
         sampling=given,
+        image=image,
     )
 
 
@@ -94,10 +105,12 @@ def validated_params(
     seed: int | None,
     sampling: Mapping[str, int | float | None],
     names: Mapping[str, str] | None = None,
+    image: ImageInput | None = None,
 ) -> GenerationParams:
     """The checks every generation route applies, in one place: images per request, the seed
     range, prompt lengths, then the model's defaults for the ``sampling`` fields left None and
-    ``pipeline.validate``. Raises InvalidRequest (the route chooses its status).
+    ``pipeline.validate`` (which also checks ``image``'s strength and that the model can use an
+    image). Raises InvalidRequest (the route chooses its status).
 
     ``names`` renames our fields for a route whose request calls them otherwise (the OpenAI
     route: num_images -> n, width / height -> size); messages and ``field`` use those names.
@@ -128,6 +141,7 @@ def validated_params(
         num_images=num_images,
         seed=seed,
         **given,
+        **(image.fields() if image is not None else {}),
     )
     try:
         engine.validate(params)
@@ -141,14 +155,15 @@ def validated_params(
     return params
 
 
-def prompt_warnings(body: GenerateRequest, model_info: dict[str, str | bool]) -> list[str]:
+def prompt_warnings(params: GenerationParams, model_info: dict[str, str | bool]) -> list[str]:
     """What the loaded model cannot honour in this request, for a person: today the demo model's
-    warnings about a prompt or negative prompt outside what it was trained on. Real weights: []."""
+    warnings about a prompt or negative prompt outside what it was trained on. Real weights: [].
+    An empty prompt (an image variation's caption) is not checked."""
     grammar = grammar_for_model(model_info)
-    if grammar is None:
+    if grammar is None or not params.prompt:
         return []
     return grammar.check(
-        body.prompt, body.negative_prompt, real_weights="real weights (CASCADE_WEIGHTS_DIR)"
+        params.prompt, params.negative_prompt, real_weights="real weights (CASCADE_WEIGHTS_DIR)"
     )
 
 
@@ -199,6 +214,7 @@ def response_body(
     model: dict[str, str | bool],
     request_id: str,
     warnings: list[str],
+    params: GenerationParams,
 ) -> dict[str, Any]:
     """The GenerateResponse of a finished job, as a dict (the JSON body, and the data of a
     stream's result event)."""
@@ -219,8 +235,16 @@ def response_body(
         negative_prompt_truncated=done.result.negative_prompt_truncated,
         warnings=warnings,
         timings=timings,
+        **image_echo(params),
     )
     return body.model_dump()
+
+
+def image_echo(params: GenerationParams) -> dict[str, Any]:
+    """The effective strength and image_variation of a request with an image (None without)."""
+    if params.image is None:
+        return {"strength": None, "image_variation": None}
+    return {"strength": params.strength, "image_variation": params.image_variation}
 
 
 def png_response(
@@ -229,6 +253,7 @@ def png_response(
     timings: Timings,
     model: dict[str, str | bool],
     warnings: list[str],
+    params: GenerationParams,
 ) -> Response:
     server_timing = ", ".join(
         f"{name};dur={getattr(timings, name) * 1000:.1f}"
@@ -253,4 +278,7 @@ def png_response(
         "Server-Timing": server_timing,
         **warning_header(warnings),
     }
+    if params.image is not None:
+        headers["X-Strength"] = str(params.strength)
+        headers["X-Image-Variation"] = str(params.image_variation).lower()
     return Response(content=png, media_type="image/png", headers=headers)

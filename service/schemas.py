@@ -9,8 +9,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from models.request import MAX_SEED
+from service.errors import InvalidRequest
 
-_FLOAT_FIELDS = frozenset({"prior_guidance_scale", "decoder_guidance_scale", "timeout_s"})
+_FLOAT_FIELDS = frozenset(
+    {"prior_guidance_scale", "decoder_guidance_scale", "timeout_s", "strength"}
+)
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
@@ -19,7 +22,11 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(..., min_length=1, description="What to draw (not blank).")
+    prompt: str = Field(
+        "",
+        description="What to draw. Required and not blank without an image; with an image it "
+        "may be empty or left out (an image variation, by default).",
+    )
     negative_prompt: str = Field("", description="What to steer away from.")
     width: int | None = Field(
         None, ge=1, description="Output width in pixels (model default if omitted)."
@@ -66,6 +73,31 @@ class GenerateRequest(BaseModel):
         "when the model has no Previewer.",
     )
 
+    image: str | None = Field(
+        None,
+        description="An input image: a PNG, JPEG or WebP file, base64-encoded (or a "
+        "data:image/...;base64, URL). Image-to-image (strength < 1) and/or image variation. "
+        "At most CASCADE_MAX_IMAGE_BYTES of file and CASCADE_MAX_IMAGE_PIXELS pixels; EXIF "
+        "orientation is applied, transparency composited on white. Omitted width/height: the "
+        "image's size, scaled down to the model's largest size if needed, snapped to its size "
+        "step.",
+        json_schema_extra={"format": "byte", "contentEncoding": "base64"},
+    )
+    strength: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="With an image only. Below 1: Stage C starts from the image's latent noised "
+        "to t = strength and runs int(prior_steps x strength) steps (lower keeps more of the "
+        "image); 1: from pure noise. Default 0.8 with a prompt, 1.0 without one.",
+    )
+    image_variation: bool | None = Field(
+        None,
+        description="With an image only: also condition Stage C on the image's CLIP image "
+        "embedding (the official image-variation recipe). Default true when the prompt is "
+        "empty, else false.",
+    )
+
     @field_validator("stream", mode="before")
     @classmethod
     def _json_bool(cls, value: object) -> object:
@@ -73,11 +105,11 @@ class GenerateRequest(BaseModel):
             raise ValueError("must be true or false (a JSON boolean)")  # noqa: TRY004
         return value
 
-    @field_validator("prompt")
+    @field_validator("image_variation", mode="before")
     @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("prompt must contain non-whitespace text")
+    def _json_bool_or_null(cls, value: object) -> object:
+        if value is not None and not isinstance(value, bool):
+            raise ValueError("must be true or false (a JSON boolean)")
         return value
 
     @field_validator(
@@ -91,6 +123,7 @@ class GenerateRequest(BaseModel):
         "decoder_guidance_scale",
         "timeout_s",
         "preview_every",
+        "strength",
         mode="before",
     )
     @classmethod
@@ -101,6 +134,32 @@ class GenerateRequest(BaseModel):
     @classmethod
     def _no_control_characters(cls, value: str) -> str:
         return no_control_characters(value)
+
+    def check_prompt_and_image(self) -> None:
+        """The rules across fields: without an image the prompt is required and not blank, and
+        strength / image_variation mean nothing. InvalidRequest (422) naming the field."""
+        if self.image is not None:
+            return
+        for name in ("strength", "image_variation"):
+            if getattr(self, name) is not None:
+                raise InvalidRequest(
+                    f"{name} applies to an input image: add image (base64), or leave out {name}",
+                    field=name,
+                )
+        if "prompt" not in self.model_fields_set:
+            raise InvalidRequest(
+                "prompt: field required (a non-blank string; it may be left out only with an "
+                "image)",
+                field="prompt",
+            )
+        if not self.prompt:
+            raise InvalidRequest(
+                "prompt: must have at least 1 character (what to draw); only a request with an "
+                "image may leave it empty",
+                field="prompt",
+            )
+        if not self.prompt.strip():
+            raise InvalidRequest("prompt must contain non-whitespace text", field="prompt")
 
 
 def json_number(value: object, kind: str) -> object:
@@ -166,6 +225,16 @@ class GenerateResponse(BaseModel):
         "negative prompt outside the words and sentence form it was trained on. Empty otherwise.",
     )
     timings: Timings
+    strength: float | None = Field(
+        None,
+        description="With an input image: the strength used (the request's, or its default); "
+        "null without an image.",
+    )
+    image_variation: bool | None = Field(
+        None,
+        description="With an input image: whether Stage C was conditioned on it (the request's "
+        "value, or its default); null without an image.",
+    )
 
 
 class ErrorDetail(BaseModel):

@@ -33,6 +33,7 @@ from service.metrics import Metrics
 from service.middleware import RequestMiddleware
 from service.openai_api import install_openai_routes
 from service.openai_errors import error_body, from_validation, is_openai_path
+from service.openai_image_routes import install_openai_image_routes
 from service.openapi import install_openapi
 from service.playground import install_playground
 from service.responses import (
@@ -298,6 +299,7 @@ def create_app(
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     install_openai_routes(app, runtime, settings, metrics)
+    install_openai_image_routes(app, runtime, settings, metrics)
     install_docs(app)
     install_playground(app)
     endpoints = frozenset(r.path for r in app.routes if hasattr(r, "path"))
@@ -347,7 +349,7 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics, settings: Settings) -> N
         if too_large is not None:
             return reply(request, too_large)
         if is_openai_path(request.url.path):
-            return reply(request, from_validation(exc))
+            return reply(request, from_validation(exc, request.url.path))
         return reply(request, _from_validation(exc))
 
     @app.exception_handler(StarletteHTTPException)

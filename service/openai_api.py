@@ -16,6 +16,7 @@ import logging
 import math
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -28,6 +29,7 @@ from service.auth import request_owner
 from service.engine import Engine
 from service.errors import InvalidRequest, NotReady
 from service.image_formats import encode_b64
+from service.image_requests import ImageInput, output_size
 from service.imaging import png_parameters_of
 from service.jobs import JobResult
 from service.metrics import Metrics
@@ -67,14 +69,16 @@ _STATUSES: dict[int, str] = {
     401: "Missing or wrong API key (only when CASCADE_API_KEYS is configured)",
     404: "The model is not the one this server serves (code model_not_found)",
     409: "Cancelled by DELETE /v1/requests/{id}, or an X-Request-ID still in flight",
-    413: "The body is over CASCADE_MAX_BODY_BYTES",
+    413: "The body is over CASCADE_MAX_BODY_BYTES (body_too_large), or the image over "
+    "CASCADE_MAX_IMAGE_BYTES (image_too_large)",
     500: "Generation failed",
     503: "Queue full, still loading, or shutting down (the client retries)",
     504: "The deadline passed before the request's first step",
 }
 
 
-def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI responses of these error statuses, in OpenAI's error shape."""
     responses: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
         responses[status] = {"model": OpenAIErrorResponse, "description": _STATUSES[status]}
@@ -83,6 +87,20 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
             "Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}
         }
     return responses
+
+
+def stream_200(partial_event: str, completed_event: str) -> dict[str, Any]:
+    """The OpenAPI 200 of a route that answers JSON, or with stream=true these events."""
+    return {
+        "description": "JSON, or with stream=true Server-Sent Events",
+        "content": {
+            "text/event-stream": event_schema(
+                [partial_event, completed_event, "error"],
+                f"stream=true: {partial_event} events, then one {completed_event} per image, "
+                "or an error event",
+            )
+        },
+    }
 
 
 GENERATE_DESCRIPTION = """OpenAI's Images API (`client.images.generate`). `quality` sets the step
@@ -131,9 +149,14 @@ def parse_size(size: str | None, defaults: SamplingDefaults) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-def to_generation(body: ImageGenerationRequest, engine: Engine, settings: Settings) -> Generation:
-    """The request -> validated GenerationParams, the quality tier and the output format; raises
-    ModelNotFound (404) or InvalidRequest / Unsupported (400)."""
+def to_generation(
+    body: Any, engine: Engine, settings: Settings, image: ImageInput | None = None
+) -> Generation:
+    """An OpenAI request (ImageGenerationRequest, ImageEditRequest or ImageVariationRequest) ->
+    validated GenerationParams, the quality tier and the output format; raises ModelNotFound
+    (404) or InvalidRequest / Unsupported (400). With an ``image``, size auto (or omitted) is the
+    image's size within the model's limits. Variations have no prompt, quality or output format:
+    an empty caption, the default steps, PNG."""
     served = served_model_id(engine.model_info)
     if body.model is not None and body.model != served:
         raise ModelNotFound(
@@ -141,8 +164,12 @@ def to_generation(body: ImageGenerationRequest, engine: Engine, settings: Settin
             "(GET /v1/models), or omit model",
             field="model",
         )
-    width, height = parse_size(body.size, engine.defaults)
-    quality = "high" if body.quality in (None, "auto") else body.quality
+    if image is not None and body.size in (None, "auto"):
+        width, height = output_size(engine.limits, image.image.size, None, None)
+    else:
+        width, height = parse_size(body.size, engine.defaults)
+    asked = getattr(body, "quality", None)
+    quality = "high" if asked in (None, "auto") else asked
     prior_steps, decoder_steps = quality_steps(engine.defaults, quality)
     sampling = {
         "width": width,
@@ -155,15 +182,17 @@ def to_generation(body: ImageGenerationRequest, engine: Engine, settings: Settin
     params = validated_params(
         engine,
         settings,
-        prompt=body.prompt,
+        prompt=getattr(body, "prompt", ""),
         negative_prompt=body.negative_prompt,
         num_images=body.n if body.n is not None else 1,
         seed=body.seed,
         sampling=sampling,
         names=OPENAI_NAMES,
+        image=image,
     )
-    compression = body.output_compression if body.output_compression is not None else 100
-    return Generation(params, quality, body.output_format or "png", compression)
+    compression = getattr(body, "output_compression", None)
+    output_format = getattr(body, "output_format", None) or "png"
+    return Generation(params, quality, output_format, 100 if compression is None else compression)
 
 
 def count_text_tokens(pipeline: Any, texts: list[str]) -> int:
@@ -205,11 +234,91 @@ def images_body(
     )
 
 
+Answer = Callable[..., Awaitable[Response]]
+
+
+def images_answer(runtime: Runtime, settings: Settings, metrics: Metrics) -> Answer:
+    """The second half of every image route: queue the job, then stream its events (``events``:
+    the partial and completed event names of the route) or wait and answer with the
+    ImagesResponse. The job is the same as ``/v1/generate``'s: queue, deadline, cancellation by
+    request id, metrics."""
+
+    async def answer(
+        request: Request,
+        engine: Engine,
+        body: Any,
+        generation: Generation,
+        events: tuple[str, str] = (PARTIAL, COMPLETED),
+    ) -> Response:
+        user = getattr(body, "safety_identifier", None) or getattr(body, "user", None)
+        if user:  # accepted for compatibility, used for nothing
+            logger.debug("%s user=%r", request.state.request_id, user)
+        params = generation.params
+        warnings = prompt_warnings(params, engine.model_info)
+        stream = bool(getattr(body, "stream", False))
+        partial_images = getattr(body, "partial_images", None)
+        previews = frozenset[int]()
+        if stream and partial_images:
+            if engine.previews:
+                previews = spread_over_steps(partial_images, params.prior_start[0])
+            else:
+                warnings.append(NO_PREVIEWER)
+        job = runtime.submit(
+            params, body.timeout_s, request.state.request_id, request_owner(request), previews
+        )
+
+        async def encoded(done: JobResult) -> tuple[ImagesResponse, list[str]]:
+            encode = partial(
+                encode_b64, output_format=generation.output_format, quality=generation.compression
+            )
+            png_texts = png_parameters_of(params, engine.model_info, settings.png_metadata)
+            (b64, seconds), tokens = await asyncio.gather(
+                encode_each(runtime.encode, encode, done.result.images, png_texts),
+                runtime.encode(
+                    count_text_tokens, engine.pipeline, [params.prompt, params.negative_prompt]
+                ),
+            )
+            label = "b64_json" if generation.output_format == "png" else generation.output_format
+            metrics.encode_duration.labels(label).observe(seconds)
+            return images_body(done, b64, generation, tokens), b64
+
+        headers = {
+            "X-Seed": ",".join(str(params.seed + i) for i in range(job.images)),
+            **warning_header(warnings),
+        }
+        if stream:
+            request.state.outcome = "stream"
+
+            async def completed(done: JobResult) -> tuple[list[str], dict[str, Any]]:
+                response, b64 = await encoded(done)
+                return b64, response.usage.model_dump()
+
+            response = openai_event_stream(
+                runtime,
+                job,
+                output_format=generation.output_format,
+                quality=generation.quality,
+                compression=generation.compression,
+                completed=completed,
+                events=events,
+            )
+            response.headers.update(headers)
+            return response
+        done = await runtime.wait(job, request.receive)
+        request.state.outcome = "ok"
+        body_out, _ = await encoded(done)
+        return JSONResponse(body_out.model_dump(), headers=headers)
+
+    return answer
+
+
 def install_openai_routes(
     app: FastAPI, runtime: Runtime, settings: Settings, metrics: Metrics
 ) -> None:
-    """Add the OpenAI-compatible routes to ``app`` (before the middleware is added)."""
+    """Add the OpenAI-compatible routes to ``app`` (before the middleware is added): generations
+    and models here, edits and variations in service/openai_image_routes.py."""
     started = int(time.time())
+    answer = images_answer(runtime, settings, metrics)
 
     def loaded() -> Engine:
         if runtime.engine is None:  # listing the model needs it loaded; draining still lists it
@@ -228,86 +337,20 @@ def install_openai_routes(
         "/v1/images/generations",
         response_model=ImagesResponse,
         responses={
-            200: {
-                "description": "JSON, or with stream=true Server-Sent Events",
-                "content": {
-                    "text/event-stream": event_schema(
-                        [PARTIAL, COMPLETED, "error"],
-                        "stream=true: image_generation.partial_image events, then one "
-                        "image_generation.completed per image, or an error event",
-                    )
-                },
-            },
-            **_errors(400, 401, 404, 409, 413, 500, 503, 504),
+            200: stream_200(PARTIAL, COMPLETED),
+            **errors(400, 401, 404, 409, 413, 500, 503, 504),
         },
         summary="Generate images (OpenAI Images API)",
         description=GENERATE_DESCRIPTION,
     )
     async def generate_images(body: ImageGenerationRequest, request: Request) -> Response:
         engine = runtime.accepting()
-        generation = to_generation(body, engine, settings)
-        if body.user or body.safety_identifier:  # accepted for compatibility, used for nothing
-            logger.debug(
-                "%s user=%r", request.state.request_id, body.safety_identifier or body.user
-            )
-        warnings = prompt_warnings(body, engine.model_info)  # type: ignore[arg-type]
-        previews = frozenset[int]()
-        if body.stream and body.partial_images:
-            if engine.previews:
-                previews = spread_over_steps(body.partial_images, generation.params.prior_steps)
-            else:
-                warnings.append(NO_PREVIEWER)
-        job = runtime.submit(
-            generation.params,
-            body.timeout_s,
-            request.state.request_id,
-            request_owner(request),
-            previews,
-        )
-
-        async def encoded(done: JobResult) -> tuple[ImagesResponse, list[str]]:
-            encode = partial(
-                encode_b64, output_format=generation.output_format, quality=generation.compression
-            )
-            prompts = [generation.params.prompt, generation.params.negative_prompt]
-            png_texts = png_parameters_of(
-                generation.params, engine.model_info, settings.png_metadata
-            )
-            (b64, seconds), tokens = await asyncio.gather(
-                encode_each(runtime.encode, encode, done.result.images, png_texts),
-                runtime.encode(count_text_tokens, engine.pipeline, prompts),
-            )
-            label = "b64_json" if generation.output_format == "png" else generation.output_format
-            metrics.encode_duration.labels(label).observe(seconds)
-            return images_body(done, b64, generation, tokens), b64
-
-        seeds = {"X-Seed": ",".join(str(generation.params.seed + i) for i in range(job.images))}
-        if body.stream:
-            request.state.outcome = "stream"
-
-            async def completed(done: JobResult) -> tuple[list[str], dict[str, Any]]:
-                response, b64 = await encoded(done)
-                return b64, response.usage.model_dump()
-
-            stream = openai_event_stream(
-                runtime,
-                job,
-                output_format=generation.output_format,
-                quality=generation.quality,
-                compression=generation.compression,
-                completed=completed,
-            )
-            stream.headers.update({**seeds, **warning_header(warnings)})
-            return stream
-        done = await runtime.wait(job, request.receive)
-        request.state.outcome = "ok"
-        body_out, _ = await encoded(done)
-        return JSONResponse(body_out.model_dump(), headers={**seeds, **warning_header(warnings)})
+        return await answer(request, engine, body, to_generation(body, engine, settings))
 
     @app.get(
         "/v1/models",
         response_model=ModelList,
-        responses=_errors(401, 503),
+        responses=errors(401, 503),
         summary="The served model (OpenAI list shape)",
     )
     async def list_models() -> JSONResponse:
@@ -317,7 +360,7 @@ def install_openai_routes(
     @app.get(
         "/v1/models/{model_id}",
         response_model=ModelObject,
-        responses=_errors(401, 404, 503),
+        responses=errors(401, 404, 503),
         summary="One model by id (OpenAI shape)",
     )
     async def get_model(model_id: str) -> JSONResponse:

@@ -35,6 +35,7 @@ UNSUPPORTED = {
     "frame_duration_ms": "GIF output is not available",
     "svg": "SVG output is not available",
     "prompt_rewriter": "prompts are used as given",
+    "input_fidelity": "use strength instead: lower keeps more of the input image",
 }
 
 # Why an OpenAI value is refused, appended to pydantic's "Input should be ..." message.
@@ -88,12 +89,16 @@ def error_body(
     }
 
 
-def from_validation(exc: RequestValidationError) -> ServiceError:
-    """pydantic's errors for an OpenAI request body -> one error naming the first bad parameter
-    (all are listed in the message), with OpenAI's codes: unknown_parameter,
+def from_validation(exc: RequestValidationError, path: str = "") -> ServiceError:
+    """pydantic's errors for an OpenAI request body (on ``path``) -> one error naming the first
+    bad parameter (all are listed in the message), with OpenAI's codes: unknown_parameter,
     missing_required_parameter, invalid_type, invalid_value."""
     # Imported here: the schemas pull in torch (models.request), which auth.py need not load.
+    from service.openai_image_forms import FORM_MODELS
     from service.openai_schemas import ImageGenerationRequest
+
+    model = FORM_MODELS.get(path, ImageGenerationRequest)
+    allowed = ("image", *model.model_fields) if path in FORM_MODELS else tuple(model.model_fields)
 
     problems: list[str] = []
     first: tuple[str, str] | None = None
@@ -114,7 +119,7 @@ def from_validation(exc: RequestValidationError) -> ServiceError:
             message = (
                 f"unknown parameter: this server does not support it ({why})"
                 if why
-                else "unknown parameter; allowed: " + ", ".join(ImageGenerationRequest.model_fields)
+                else "unknown parameter; allowed: " + ", ".join(allowed)
             )
         elif kind == "missing":
             code, message = "missing_required_parameter", "parameter required"

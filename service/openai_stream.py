@@ -1,6 +1,8 @@
 """``stream: true`` on ``POST /v1/images/generations``: Server-Sent Events as the official
 ``openai`` client parses them (``client.images.generate(..., stream=True)`` yields
-``ImageGenPartialImageEvent`` then ``ImageGenCompletedEvent``).
+``ImageGenPartialImageEvent`` then ``ImageGenCompletedEvent``); on ``POST /v1/images/edits``
+the same events are named ``image_edit.partial_image`` / ``image_edit.completed``
+(``client.images.edit(..., stream=True)``).
 
 - ``image_generation.partial_image``: ``partial_images`` (0-3) previews spread evenly over the
   Stage C steps (fewer only when Stage C has fewer steps), each the Previewer's picture of the
@@ -33,6 +35,9 @@ from service.streaming import SSE_HEADERS, sse
 
 PARTIAL = "image_generation.partial_image"
 COMPLETED = "image_generation.completed"
+# /v1/images/edits: the same events under the names client.images.edit(stream=True) parses
+EDIT_PARTIAL = "image_edit.partial_image"
+EDIT_COMPLETED = "image_edit.completed"
 
 
 def scaled(picture: torch.Tensor, width: int, height: int) -> torch.Tensor:
@@ -50,9 +55,11 @@ def openai_event_stream(
     quality: str,
     compression: int,
     completed: Callable[[JobResult], Awaitable[tuple[list[str], dict[str, Any]]]],
+    events: tuple[str, str] = (PARTIAL, COMPLETED),
 ) -> StreamingResponse:
     """The streaming response of ``job``. ``completed`` encodes the finished images and returns
-    them (base64) with the usage object."""
+    them (base64) with the usage object; ``events`` names the partial and completed events."""
+    partial_event, completed_event = events
     params = job.params
     size = f"{params.width}x{params.height}"
     common = {"background": "opaque", "output_format": output_format, "quality": quality}
@@ -69,7 +76,7 @@ def openai_event_stream(
             elif event.type == "preview":
                 for i, picture in enumerate(event.data["images"]):
                     b64 = await runtime.encode(encode, picture)
-                    yield sse(PARTIAL, {
+                    yield sse(partial_event, {
                         "b64_json": b64, "created_at": int(time.time()), "size": size, **common,
                         "partial_image_index": partial_index, "image_index": i,
                     })  # fmt: skip
@@ -77,7 +84,7 @@ def openai_event_stream(
             elif event.type == "result":
                 images, usage = await completed(event.data["result"])
                 for i, b64 in enumerate(images):
-                    yield sse(COMPLETED, {
+                    yield sse(completed_event, {
                         "b64_json": b64, "created_at": int(time.time()), "size": size, **common,
                         "usage": usage, "image_index": i, "seed": params.seed + i,
                     })  # fmt: skip

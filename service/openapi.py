@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from service.auth import AuthConfig
+from service.openai_image_forms import FORM_MODELS, form_schema
 from service.responses import OPTIONAL_SAMPLING
 from service.runtime import Runtime
 from service.settings import Settings
@@ -161,7 +162,9 @@ def _constrain_openai(
             for operation in operations.values():
                 operation.get("responses", {}).pop("422", None)
     components = schema["components"]["schemas"]
-    for name in ("ImageGenerationRequest",):
+    for model in FORM_MODELS.values():  # the multipart bodies, which FastAPI does not describe
+        components[model.__name__] = form_schema(model)
+    for name in ("ImageGenerationRequest", *(m.__name__ for m in FORM_MODELS.values())):
         if name in components:
             _constrain_openai_request(components[name]["properties"], runtime, settings, max_images)
 

@@ -70,7 +70,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     },
     413: {
         "model": ErrorResponse,
-        "description": "The body is over CASCADE_MAX_BODY_BYTES (body_too_large)",
+        "description": "The body is over CASCADE_MAX_BODY_BYTES (body_too_large), or its "
+        "image over CASCADE_MAX_IMAGE_BYTES (image_too_large)",
     },
     422: {
         "model": ErrorResponse,

@@ -32,6 +32,8 @@ EXPOSE_HEADERS = (
     "X-Model",
     "X-Demo-Weights",
     "X-Cascade-Warning",
+    "X-Strength",
+    "X-Image-Variation",
     "Server-Timing",
     "Retry-After",
     "WWW-Authenticate",

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 import torch
+from PIL import Image
 
 from models.job_state import Stage
 from models.request import GenerationParams, GenerationResult, NonFiniteOutput, SamplingDefaults
@@ -237,7 +238,21 @@ class Engine:
 
     async def warm_up(self) -> None:
         """One generation at the default size through the scheduler's calls, so the first real
-        request pays no one-time costs."""
+        request pays no one-time costs; before it, the image encoders' first calls (their steps
+        are those of text-to-image)."""
+        info = self.pipeline.model_info
+        if info.get("image_to_image") or info.get("image_variation"):
+            picture = Image.new("RGB", (self.defaults.width, self.defaults.height), (128,) * 3)
+            image_params = GenerationParams.from_defaults(
+                self.defaults,
+                "warm-up",
+                image=picture,
+                strength=0.5
+                if info.get("image_to_image") and self.defaults.prior_steps > 1
+                else 1.0,
+                image_variation=bool(info.get("image_variation")),
+            )
+            await self.start([image_params])
         params = GenerationParams.from_defaults(self.defaults, "warm-up")
         states = await self.start([params])
         while states[0].stage in (Stage.PRIOR, Stage.DECODER):

@@ -161,7 +161,7 @@ def decode_image(data: bytes, *, max_pixels: int, field: str = "image") -> Image
     kind = sniff_format(data)
     if kind is None:
         other = _other_format(data)
-        what = f"a {other} file" if other else "not an image file this server reads"
+        what = f"{other} is not accepted" if other else "not an image file this server reads"
         raise InvalidRequest(
             f"{field}: {what}; accepted formats: {ACCEPTED} (detected by the file's content)",
             field=field,
@@ -212,11 +212,14 @@ def _too_many_pixels(size: tuple[int, int] | None, max_pixels: int, field: str) 
 
 
 def _upright(image: Image.Image) -> Image.Image:
-    """EXIF orientation applied. Broken EXIF data is ignored: the pixels are still a picture."""
+    """EXIF orientation applied, then the EXIF data dropped (it has done its work, and broken
+    EXIF must not fail a later step: the pixels are still a picture)."""
     try:
-        return ImageOps.exif_transpose(image)
+        upright = ImageOps.exif_transpose(image)
     except (*_BAD_FILE, TypeError, ZeroDivisionError):
-        return image
+        upright = image.copy()  # a plain copy: its EXIF is read from info again, not cached
+    upright.info.pop("exif", None)
+    return upright
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

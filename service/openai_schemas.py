@@ -123,7 +123,9 @@ class OpenAIImage(BaseModel):
 
 class InputTokensDetails(BaseModel):
     text_tokens: int = Field(..., description="CLIP tokens of the prompt and negative prompt.")
-    image_tokens: int = Field(0, description="Always 0: no input images.")
+    image_tokens: int = Field(
+        0, description="Always 0: input images (edits, variations) are not counted in tokens."
+    )
 
 
 class Usage(BaseModel):

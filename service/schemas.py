@@ -173,7 +173,15 @@ def json_number(value: object, kind: str) -> object:
 
 def no_control_characters(value: str) -> str:
     """A validator for prompts: they mean nothing to the text encoder and corrupt logs and
-    terminals; tab and newlines pass."""
+    terminals; tab and newlines pass. Text that is not Unicode (a lone surrogate, which JSON's
+    \\ud800 escapes can carry) is refused too: the tokenizer cannot read it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"not valid Unicode text: a lone surrogate U+{ord(value[exc.start]):04X} at index "
+            f"{exc.start}"
+        ) from None
     bad = _CONTROL.search(value)
     if bad:
         raise ValueError(

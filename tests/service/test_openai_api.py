@@ -226,7 +226,7 @@ def test_every_refusal_is_in_openai_shape(live: LiveServer) -> None:
         ),
         (live.client.post(url, json={"prompt": PROMPT}), 401, "invalid_api_key", None),
         (live.client.get("/v1/models"), 401, "invalid_api_key", None),
-        (live.client.get("/v1/images/edits", headers=AUTH), 404, "not_found", None),
+        (live.client.get("/v1/images/nothing", headers=AUTH), 404, "not_found", None),
     ]
     for response, status, code, param in cases:
         assert response.status_code == status, response.text

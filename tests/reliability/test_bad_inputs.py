@@ -1,17 +1,36 @@
 """Hand-written hostile and malformed requests against a real server (tiny model, tight limits): each one
-gets a 4xx in the error envelope whose code and field/message name the problem; valid unicode succeeds."""
+gets a 4xx in the error envelope whose code and field/message name the problem (input images too:
+other formats, corrupt and truncated files, bombs by header, strength and variation misused); valid
+unicode succeeds."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import socket
 
 import httpx
 import pytest
+from PIL import Image
 
 from tests.reliability.conftest import TIGHT_MAX_SIZE, TIGHT_MAX_STEPS, TIGHT_SETTINGS
+from tests.service.test_image_input import png_declaring
 
 JSON = {"content-type": "application/json"}
+
+
+def _file(kind: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.effect_noise((64, 64), 60).convert("RGB").save(buffer, kind)
+    return buffer.getvalue()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+PICTURE = _b64(_file("PNG"))
 MAX_PROMPT = TIGHT_SETTINGS["max_prompt_chars"]
 MAX_BODY = TIGHT_SETTINGS["max_body_bytes"]
 CHEAP = {"width": 64, "height": 64, "prior_steps": 1, "decoder_steps": 1}
@@ -88,6 +107,48 @@ INVALID_FIELDS = [
         "num_images",
         "one image",
     ),
+    # input images (image-to-image, variation)
+    ("strength without an image", {"prompt": "a", "strength": 0.5}, "strength", "add image"),
+    (
+        "variation without an image",
+        {"prompt": "a", "image_variation": True},
+        "image_variation",
+        "add image",
+    ),
+    ("strength zero", {"image": PICTURE, "strength": 0}, "strength", "greater than 0"),
+    ("strength over 1", {"image": PICTURE, "strength": 1.5}, "strength", "less than or equal to 1"),
+    ("strength a string", {"image": PICTURE, "strength": "0.5"}, "strength", "JSON number"),
+    (
+        "strength under one step",
+        {"image": PICTURE, "prompt": "a", "strength": 0.1, "prior_steps": 5},
+        "strength",
+        "at least 1 / prior_steps",
+    ),
+    (
+        "strength 1 without variation",
+        {"image": PICTURE, "prompt": "a", "strength": 1},
+        "strength",
+        "would not be used",
+    ),
+    (
+        "variation a string",
+        {"image": PICTURE, "image_variation": "yes"},
+        "image_variation",
+        "JSON boolean",
+    ),
+    ("image a number", {"image": 7}, "image", "string"),
+    ("image not base64", {"image": "%%% not base64"}, "image", "base64"),
+    ("image a GIF", {"image": _b64(_file("GIF"))}, "image", "accepted formats: PNG, JPEG or WebP"),
+    ("image text", {"image": _b64(b"just some text")}, "image", "accepted formats"),
+    ("image truncated", {"image": _b64(_file("PNG")[:60])}, "image", "corrupt or truncated"),
+    ("image corrupt", {"image": _b64(_file("JPEG")[:30] + b"x" * 200)}, "image", "corrupt"),
+    (
+        "image bomb",
+        {"image": _b64(png_declaring(60_000, 60_000))},
+        "image",
+        "CASCADE_MAX_IMAGE_PIXELS",
+    ),
+    ("image data URL of text", {"image": "data:text/plain;base64,QUJD"}, "image", "data URL"),
 ]
 
 

@@ -93,3 +93,25 @@ def test_any_origin(monkeypatch: pytest.MonkeyPatch) -> None:
     assert response.status_code == 200 and response.headers["access-control-allow-origin"] == "*"
     live = client.get("/health/live", headers={"Origin": OTHER})
     assert live.headers["access-control-allow-origin"] == "*"
+
+
+def test_the_image_routes_get_the_same_cors_handling(monkeypatch: pytest.MonkeyPatch) -> None:
+    client = _client(
+        monkeypatch, cors_origins=(ALLOWED,), max_body_bytes=1024, max_image_bytes=2048
+    )
+    origin = {"Origin": ALLOWED}
+    keyed = {**origin, "Authorization": f"Bearer {KEY}"}
+    form = {"files": {"image": ("in.png", b"\x89PNG\r\n\x1a\n", "image/png")}}
+    for path, fields in (("/v1/images/edits", {"prompt": "x"}), ("/v1/images/variations", {})):
+        preflight = client.options(
+            path, headers={**origin, "Access-Control-Request-Method": "POST"}
+        )
+        assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"]
+        for response, status in (
+            (client.post(path, headers=origin, **form), 401),
+            (client.post(path, headers=keyed, content=b"x" * 4096), 413),
+            (client.post(path, headers=keyed, data=fields, **form), 503),
+        ):
+            assert response.status_code == status, (path, response.text)
+            assert response.headers["access-control-allow-origin"] == ALLOWED
+            assert "x-strength" in response.headers["access-control-expose-headers"].lower()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from service.settings import Settings, SettingsError, env_names
+from tests.service.service_process import one_message, run_service
 
 
 def test_defaults_with_nothing_configured() -> None:
@@ -59,6 +60,11 @@ def test_values_are_typed(tmp_path: Path) -> None:
         ("CASCADE_CORS_ORIGINS", "http://localhost:0", "1..65535"),
         ("CASCADE_CORS_ORIGINS", "null", "not an origin"),
         ("CASCADE_CORS_ORIGINS", "*,https://app.example.com", "give it alone"),
+        ("CASCADE_MAX_IMAGE_BYTES", "100", "greater than or equal to 1024"),
+        ("CASCADE_MAX_IMAGE_BYTES", "8MiB", "integer"),
+        ("CASCADE_MAX_IMAGE_BYTES", "1000000000", "less than or equal to 268435456"),
+        ("CASCADE_MAX_IMAGE_PIXELS", "0", "greater than or equal to 4096"),
+        ("CASCADE_MAX_IMAGE_PIXELS", "100000000", "less than or equal to 89478485"),
     ],
 )
 def test_bad_values_name_the_variable_value_and_rule(name: str, value: str, hint: str) -> None:
@@ -115,7 +121,30 @@ def test_keep_alive_outlasts_the_idle_timeouts_in_front(monkeypatch) -> None:
     monkeypatch.setattr(main_module.uvicorn, "Config", config)
     with pytest.raises(Stop):
         main_module.serve(Settings(), lambda _: None)
-    assert captured["timeout_keep_alive"] == Settings().keep_alive_s == 75 > 60 > 5
+    assert captured["timeout_keep_alive"] == Settings().keep_alive_s == 75 > 60 > 5  # noqa: PLR0133
     nginx = (Path(__file__).resolve().parents[2] / "docker" / "nginx.conf").read_text()
     assert "keepalive_timeout" not in nginx
     assert Settings.from_env({"CASCADE_KEEP_ALIVE_S": "120"}).keep_alive_s == 120
+
+
+def test_image_limits_default_and_read() -> None:
+    s = Settings.from_env({})
+    assert (s.max_image_bytes, s.max_image_pixels) == (8 * 1024 * 1024, 4096 * 4096)
+    s = Settings.from_env(
+        {"CASCADE_MAX_IMAGE_BYTES": "2097152", "CASCADE_MAX_IMAGE_PIXELS": "1048576"}
+    )
+    assert (s.max_image_bytes, s.max_image_pixels) == (2 * 1024 * 1024, 1024 * 1024)
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "hint"),
+    [
+        ("max_image_bytes", "-1", "greater than or equal to 1024"),
+        ("max_image_pixels", "lots", "integer"),
+    ],
+)
+def test_a_bad_image_limit_stops_start_up_with_one_line(
+    setting: str, value: str, hint: str
+) -> None:
+    message = one_message(run_service(**{setting: value}))
+    assert f"CASCADE_{setting.upper()}={value!r}" in message and hint in message

@@ -53,7 +53,9 @@ def test_prompt_adherence_through_the_server(live) -> None:
     with ThreadPoolExecutor(4) as pool:
         images = list(pool.map(lambda ps: generate(live, *ps), zip(prompts, seeds, strict=True)))
     scores = accuracies(classify(torch.stack(images)), truth)
-    print("demo prompt adherence over HTTP: " + ", ".join(f"{k} {v:.1%}" for k, v in scores.items()))
+    print(
+        "demo prompt adherence over HTTP: " + ", ".join(f"{k} {v:.1%}" for k, v in scores.items())
+    )
     assert scores["both colours"] >= 0.75, scores
     assert scores["position"] >= 0.85, scores
 
@@ -135,13 +137,14 @@ def test_the_readme_examples_use_prompts_the_demo_model_knows() -> None:
 
 
 def test_the_readme_python_example_runs_with_the_standard_library(live, tmp_path: Path) -> None:
-    (code,) = re.findall(r"```python\n(.*?)```", readme_api_section(), re.S)
+    (code,) = re.findall(r"```python\n(.*?)```", readme_api_section(), re.DOTALL)
     assert "http://127.0.0.1:8000" in code
     code = code.replace("http://127.0.0.1:8000", live.url)
     # httpx is only a dev extra: the example must not need it (nor anything else outside stdlib).
     blocked = "import sys\nfor name in ('httpx', 'requests'):\n    sys.modules[name] = None\n"
     run = subprocess.run(
         [sys.executable, "-c", blocked + code],
+        check=False,
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -153,3 +156,33 @@ def test_the_readme_python_example_runs_with_the_standard_library(live, tmp_path
     first, second = run.stdout.splitlines()
     assert first == "7 []"
     assert second.startswith("7 queue_wait;dur=") and second.endswith("no warning")
+
+
+def test_image_requests_on_the_demo_model(live) -> None:
+    """Image-to-image and variation of a demo picture: answered when the demo model ships the
+    encoder each needs (``image_to_image`` / ``image_variation`` in its model info), else a 422
+    naming the file it lacks. Either way never a 500, and text-to-image is unaffected."""
+    info = live.client.get("/health/ready").json()["model"]
+    source = live.client.post("/v1/generate", json={"prompt": KNOWN, "seed": 5})
+    assert source.status_code == 200, source.text
+    picture = source.json()["data"][0]["b64_json"]
+    cases = [
+        ({"image": picture, "prompt": KNOWN, "seed": 5, "strength": 0.5}, "image_to_image",
+         "effnet_encoder.safetensors"),
+        ({"image": picture, "seed": 5}, "image_variation", "image_encoder/"),
+    ]  # fmt: skip
+    for body, capability, missing in cases:
+        r = live.client.post("/v1/generate", json=body)
+        if info.get(capability):
+            assert r.status_code == 200, r.text
+            out = r.json()
+            assert (out["width"], out["height"]) == (128, 128)  # the demo picture's own size
+            assert png_to_tensor(base64.b64decode(out["data"][0]["b64_json"])).shape == (
+                3,
+                128,
+                128,
+            )
+        else:
+            error = r.json()["error"]
+            assert (r.status_code, error["field"]) == (422, "image"), r.text
+            assert missing in error["message"] and "weights folder" in error["message"]

@@ -274,11 +274,12 @@ def test_the_openapi_document_declares_the_openai_routes(live: LiveServer) -> No
     assert {"/v1/models", "/v1/models/{model_id}"} <= set(document["paths"])
 
 
+@pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")  # create_variation, see README
 def test_the_readme_example_runs(live: LiveServer, tmp_path: Path, monkeypatch, capsys) -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme.split("\n### OpenAI-compatible API\n", 1)[1].split("\n## ", 1)[0]
-    example, streaming = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
-    code = example + streaming  # the second example goes on with the first one's client
+    example, streaming, images = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+    code = example + streaming + images  # the later examples go on with the first one's client
     assert 'base_url="http://127.0.0.1:8000/v1", api_key="unused"' in code
     code = code.replace("http://127.0.0.1:8000", live.url).replace('"unused"', repr(KEY))
     monkeypatch.chdir(tmp_path)
@@ -286,7 +287,8 @@ def test_the_readme_example_runs(live: LiveServer, tmp_path: Path, monkeypatch, 
     for seed in (42, 43):
         with Image.open(tmp_path / f"triangle-{seed}.webp") as image:
             assert image.format == "WEBP" and image.size == (128, 128)
-    models, summary, *events = capsys.readouterr().out.splitlines()
+    models, summary, *events, images_line = capsys.readouterr().out.splitlines()
+    assert images_line == "128x128 2"  # the edit keeps the picture's size; two variations
     assert models == "['tiny-random']" and summary.startswith("128x128 medium ")
     assert [e.strip() for e in events] == [
         "image_generation.partial_image 0",

@@ -24,8 +24,9 @@ from pydantic.fields import FieldInfo
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
+from starlette.requests import ClientDisconnect
 
-from service.errors import InvalidForm, InvalidRequest
+from service.errors import ClientDisconnected, InvalidForm, InvalidRequest
 from service.openai_errors import Unsupported
 from service.openai_schemas import ImageGenerationRequest
 from service.schemas import no_control_characters
@@ -161,6 +162,8 @@ async def read_upload(request: Request, max_field_bytes: int) -> Upload:
         form = await request.form(
             max_files=_MAX_PARTS, max_fields=_MAX_PARTS * 4, max_part_size=max_field_bytes
         )
+    except ClientDisconnect:
+        raise ClientDisconnected("the client went away while sending its upload") from None
     except (HTTPException, MultiPartException) as exc:
         detail = getattr(exc, "detail", None) or getattr(exc, "message", str(exc))
         raise InvalidForm(f"the multipart/form-data body could not be parsed: {detail}") from None
@@ -218,8 +221,19 @@ def validated_fields(model: type[_FormFields], upload: Upload) -> Any:
 
 
 def form_schema(model: type[_FormFields]) -> dict[str, Any]:
-    """The OpenAPI schema of a form: the model's fields plus the image file part."""
+    """The OpenAPI schema of a form: the model's fields plus the image file part. A form cannot
+    send null, so an optional field is described by its value's type alone (left out: its
+    default)."""
     schema = model.model_json_schema()
+    for field in schema["properties"].values():
+        if "anyOf" in field:
+            branches = [b for b in field.pop("anyOf") if b.get("type") != "null"]
+            if len(branches) == 1:
+                field.update(branches[0])
+            else:
+                field["anyOf"] = branches
+        if "default" in field and field["default"] is None:
+            del field["default"]
     image = {
         "type": "string",
         "format": "binary",

@@ -152,7 +152,9 @@ class Settings(BaseModel):
         le=PILLOW_MAX_IMAGE_PIXELS,
         description="Most pixels (width x height) of an input image, read from its header before "
         "decoding, so a small file declaring a huge picture is refused without being decoded. At "
-        "most Pillow's own decompression-bomb threshold.",
+        "most Pillow's own decompression-bomb threshold. A queued image request holds its decoded "
+        "picture (3 bytes a pixel: 50 MB at the default), so this times CASCADE_MAX_QUEUE_SIZE "
+        "bounds that memory.",
     )
     max_prompt_chars: int = Field(
         2000,

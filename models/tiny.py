@@ -46,6 +46,25 @@ def randomize_(module: nn.Module, seed: int, std: float) -> nn.Module:
     return module
 
 
+def _unit_gains_(module: nn.Module) -> None:
+    """He-scaled convolutions (std sqrt(2 / fan-in)), BatchNorm gains 1 + N(0, 0.1^2) and small
+    biases: with N(0, 0.2^2) everywhere the signal shrinks at every block until the biases alone set
+    the output, and the encoder's output would not depend on its picture (which would hide a
+    picture given to the wrong row)."""
+    generator = torch.Generator("cpu").manual_seed(0)
+    with torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, nn.Conv2d):
+                fan_in = layer.weight[0].numel()
+                noise = torch.randn(layer.weight.shape, generator=generator)
+                layer.weight.copy_(noise * (2 / fan_in) ** 0.5)
+                if layer.bias is not None:
+                    layer.bias.mul_(0.1)
+            elif isinstance(layer, nn.BatchNorm2d) and layer.affine:
+                layer.weight.copy_(1 + 0.1 * torch.randn(layer.weight.shape, generator=generator))
+                layer.bias.mul_(0.1)
+
+
 def build_tiny_text_encoder(
     seed: int = 0, device: torch.device | str = "cpu", num_layers: int = 2
 ) -> TextEncoder:
@@ -65,6 +84,7 @@ def build_tiny_pipeline(seed: int = 0, device: torch.device | str = "cpu") -> Ca
     previewer = Previewer(PreviewerConfig(c_in=stage_c.config.c_in, c_hidden=32))
     # Random image encoders (image-to-image, variations): BatchNorm at its initial statistics.
     image_encoder = randomize_(EfficientNetEncoder(EfficientNetConfig.tiny()), seed * 10 + 5, 0.2)
+    _unit_gains_(image_encoder)
     clip_vision = random_clip_vision_model(stage_c.config.c_clip_img, seed=seed * 10 + 6)
     clip_image = ClipImageEncoder(clip_vision, TINY_CLIP_PREPROCESSING, device=device)
     return CascadePipeline(

@@ -141,7 +141,12 @@ def test_image_to_image_alone_and_in_a_mixed_running_group_give_the_same_images(
         _params(pipe, "a red circle", seed=2, image=picture, strength=0.5, num_images=2),
         _params(pipe, "", seed=3, image=_picture(96, 160, seed=4), image_variation=True),
         _params(
-            pipe, "a green triangle", seed=4, image=picture, strength=0.9, image_variation=True
+            pipe,
+            "a green triangle",
+            seed=4,
+            image=_picture(128, 128, seed=12),
+            strength=0.9,
+            image_variation=True,
         ),
     ]
     solo = [pipe.generate([p]).results[0].images for p in requests]
@@ -163,6 +168,17 @@ def test_image_to_image_alone_and_in_a_mixed_running_group_give_the_same_images(
     for result, alone in zip(results, solo, strict=True):
         diff = (result.images.int() - alone.int()).abs()
         assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01
+
+
+def test_the_picture_decides_the_image(tiny_pipeline):
+    """Same prompt, seed and strength, two pictures: two images. (Otherwise the tests above could
+    not see a picture given to the wrong row.)"""
+    pipe = tiny_pipeline
+    a, b = (_params(pipe, image=_picture(128, 128, seed=s), strength=0.5, seed=1) for s in (1, 2))
+    image_a, image_b = (pipe.generate([p]).results[0].images.int() for p in (a, b))
+    diff = (image_a - image_b).abs()
+    # Well beyond the tolerance of the alone-vs-batched comparisons (max 1 level, < 1% of values).
+    assert int(diff.max()) > 4 and float((diff > 1).float().mean()) > 0.01
 
 
 def test_static_batch_of_image_and_text_requests(tiny_pipeline):

@@ -50,3 +50,16 @@ def test_an_animated_picture_gives_its_first_frame():
     animated = Image.open(buffer)
     animated.seek(1)
     assert as_rgb(animated).getpixel((4, 4)) == (0, 255, 0)
+
+
+def test_a_trns_colour_is_composited_on_white():
+    rgb = Image.new("RGB", (2, 1), (1, 2, 3))
+    rgb.putpixel((1, 0), (1, 2, 4))  # one step off the transparent colour: kept
+    out = as_rgb(_reopened(rgb, "PNG", transparency=(1, 2, 3)))
+    assert out.getpixel((0, 0)) == (255, 255, 255) and out.getpixel((1, 0)) == (1, 2, 4)
+    grey = Image.new("L", (2, 1), 9)
+    grey.putpixel((1, 0), 10)
+    out = as_rgb(_reopened(grey, "PNG", transparency=9))
+    assert out.getpixel((0, 0)) == (255, 255, 255) and out.getpixel((1, 0)) == (10, 10, 10)
+    one_bit = as_rgb(_reopened(Image.new("1", (2, 1), 1), "PNG", transparency=1))
+    assert one_bit.getpixel((0, 0)) == (255, 255, 255)

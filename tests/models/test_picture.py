@@ -63,3 +63,24 @@ def test_a_trns_colour_is_composited_on_white():
     assert out.getpixel((0, 0)) == (255, 255, 255) and out.getpixel((1, 0)) == (10, 10, 10)
     one_bit = as_rgb(_reopened(Image.new("1", (2, 1), 1), "PNG", transparency=1))
     assert one_bit.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_a_trns_level_in_16_bit_grey_is_matched_at_full_depth():
+    deep = Image.new("I;16", (3, 1), 100 * 257)
+    deep.putpixel((1, 0), 100 * 257 + 1)  # the same 8-bit grey, but not the transparent level
+    deep.putpixel((2, 0), 0)
+    out = as_rgb(_reopened(deep, "PNG", transparency=100 * 257))
+    assert [out.getpixel((x, 0)) for x in range(3)] == [(255,) * 3, (100,) * 3, (0,) * 3]
+
+
+def test_deep_grey_is_scaled_to_8_bits_not_clipped():
+    for level, expected in ((32768, 128), (100 * 257, 100), (65535, 255), (0, 0), (255, 0)):
+        sixteen = _reopened(Image.new("I;16", (2, 2), level), "PNG")
+        assert sixteen.mode == "I;16"
+        assert as_rgb(sixteen).getpixel((0, 0)) == (expected,) * 3, level
+    # 32-bit integers on the same 0 .. 65535 scale, clipped outside it
+    for level, expected in ((32768, 128), (-5, 0), (1 << 20, 255)):
+        assert as_rgb(Image.new("I", (2, 2), level)).getpixel((0, 0)) == (expected,) * 3, level
+    # floats as 0.0 .. 1.0, clipped outside it
+    for level, expected in ((0.5, 128), (1.0, 255), (-0.5, 0), (2.0, 255)):
+        assert as_rgb(Image.new("F", (2, 2), level)).getpixel((0, 0)) == (expected,) * 3, level

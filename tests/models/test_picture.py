@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import io
 
-from PIL import Image
+import pytest
+from PIL import Image, ImageOps
 
 from models.picture import as_rgb
 
@@ -84,3 +85,21 @@ def test_deep_grey_is_scaled_to_8_bits_not_clipped():
     # floats as 0.0 .. 1.0, clipped outside it
     for level, expected in ((0.5, 128), (1.0, 255), (-0.5, 0), (2.0, 255)):
         assert as_rgb(Image.new("F", (2, 2), level)).getpixel((0, 0)) == (expected,) * 3, level
+
+
+def test_broken_exif_leaves_the_picture_as_stored():
+    picture = Image.new("RGB", (8, 4), (0, 200, 0))
+    broken = b"Exif\x00\x00garbage"  # not a TIFF header
+    with pytest.raises(SyntaxError):  # what the test is about: Pillow fails on this block
+        ImageOps.exif_transpose(_reopened(picture, "PNG", exif=broken))
+    out = as_rgb(_reopened(picture, "PNG", exif=broken))
+    assert out.size == (8, 4) and out.getpixel((0, 0)) == (0, 200, 0)
+    assert "exif" not in out.info  # nothing left for a later getexif() to fail on
+
+
+def test_a_file_that_cannot_be_decoded_still_raises():
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(buffer, "PNG")
+    truncated = Image.open(io.BytesIO(buffer.getvalue()[:60]))
+    with pytest.raises(OSError, match="truncated"):
+        as_rgb(truncated)

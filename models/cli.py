@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import argparse
 import secrets
+import struct
 import sys
 from pathlib import Path
 
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from models.demo_vocabulary import grammar_for_model
 from models.pipeline import CascadePipeline
 from models.request import MAX_SEED, GenerationParams, InvalidParams, NonFiniteOutput
 
 _DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# Besides OSError, what Pillow raises for a corrupt file (service/image_input.py refuses the same).
+_BAD_PICTURE = (SyntaxError, ValueError, struct.error, EOFError, IndexError, KeyError)
 _SAMPLING = (
     "prior_steps",
     "prior_guidance_scale",
@@ -32,6 +36,10 @@ _SAMPLING = (
     "decoder_shift",
     "cfg_rho",
 )
+
+
+class PictureError(ValueError):
+    """--image names a file that cannot be read as a picture."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,18 +85,32 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def image_fields(args: argparse.Namespace, pipe: CascadePipeline) -> dict[str, object]:
-    """The image fields of the request (empty without --image): the picture, the strength and
-    the variation flag with their defaults, and the picture's size snapped to the model's
-    limits when --width / --height are not given."""
-    from PIL import Image
-
+def read_picture(path: str) -> Image.Image:
+    """--image's file as the pipeline takes it (``models.picture.as_rgb``: upright, opaque RGB).
+    Raises PictureError naming what is wrong, in one line."""
     from models.picture import as_rgb
 
-    if args.image is None:
+    try:
+        with Image.open(path) as opened:
+            return as_rgb(opened)
+    except UnidentifiedImageError:
+        raise PictureError(f"{path}: not a picture format Pillow reads") from None
+    except Image.DecompressionBombError as err:
+        raise PictureError(f"{path}: {err}") from None
+    except OSError as err:  # a missing or unreadable file, or a truncated one
+        raise PictureError(f"{path}: {err.strerror or err}") from None
+    except _BAD_PICTURE as err:  # what Pillow's decoders raise for corrupt data
+        raise PictureError(f"{path}: corrupt picture ({err})") from None
+
+
+def image_fields(
+    args: argparse.Namespace, picture: Image.Image | None, pipe: CascadePipeline
+) -> dict[str, object]:
+    """The image fields of the request (empty without a picture): the picture, the strength and
+    the variation flag with their defaults, and the picture's size snapped to the model's
+    limits when --width / --height are not given."""
+    if picture is None:
         return {}
-    with Image.open(args.image) as opened:
-        picture = as_rgb(opened)
     empty = not args.prompt.strip()
     fields: dict[str, object] = {
         "image": picture,
@@ -137,9 +159,12 @@ def output_paths(output: str, count: int) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv``, generate, write the PNG(s). Returns the process exit code."""
-    from PIL import Image
-
     args = _parser().parse_args(argv)
+    try:  # before the model loads, which can take minutes with real weights
+        picture = None if args.image is None else read_picture(args.image)
+    except PictureError as err:
+        print(f"error: --image {err}", file=sys.stderr)
+        return 2
     try:
         pipe = load_pipeline(args)
     except (OSError, ValueError) as err:  # missing/broken weights (CheckpointError is a ValueError)
@@ -159,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         negative_prompt=args.negative_prompt,
         num_images=args.num_images,
         seed=seed,
-        **{**image_fields(args, pipe), **given},
+        **{**image_fields(args, picture, pipe), **given},
     )
     print(
         f"model: {pipe.model_info.get('name')} ({pipe.model_info.get('weights', '')}) "

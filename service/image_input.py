@@ -11,10 +11,12 @@ The rules, in order, each failure a 4xx naming the field (``image``):
 3. width x height at most ``max_pixels``, read from the header before any pixel is decoded
    (decompression bombs: a few KB of PNG can declare gigapixels);
 4. decoding: corrupt or truncated data is refused, never half-read;
-5. EXIF orientation applied; alpha (RGBA, LA, P or RGB with a transparent colour) composited on
-   white; 16-bit grey scaled to 8 bits; result RGB. Animated images: the first frame.
+5. EXIF orientation applied (broken EXIF ignored); alpha (RGBA, LA, P or RGB with a transparent
+   colour) composited on white; 16-bit grey scaled to 8 bits; result RGB. Animated images: the
+   first frame.
 
-models/picture.py is imported for its ``as_rgb`` (Pillow only, no torch).
+Step 5 is models/picture.py's ``as_rgb`` (Pillow only, no torch), the rule the CLI applies too,
+so a picture gives the same pixels over HTTP and on the command line.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import io
 import re
 import struct
 
-from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
+from PIL import Image, ImageFile, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
 from models.picture import as_rgb
 from service.errors import ImageTooLarge, InvalidRequest
@@ -185,7 +187,7 @@ def decode_image(data: bytes, *, max_pixels: int, field: str = "image") -> Image
     _check_pixels(image.size, max_pixels, field)
     try:
         image.load()  # the first frame of an animated image
-        return to_rgb(_upright(image))
+        return as_rgb(image)
     except Image.DecompressionBombError:
         raise _too_many_pixels(None, max_pixels, field) from None
     except _BAD_FILE:
@@ -209,29 +211,3 @@ def _too_many_pixels(size: tuple[int, int] | None, max_pixels: int, field: str) 
         "(CASCADE_MAX_IMAGE_PIXELS): scale it down before sending",
         field=field,
     )
-
-
-def _upright(image: Image.Image) -> Image.Image:
-    """EXIF orientation applied, then the EXIF data dropped (it has done its work, and broken
-    EXIF must not fail a later step: the pixels are still a picture)."""
-    try:
-        upright = ImageOps.exif_transpose(image)
-    except (*_BAD_FILE, TypeError, ZeroDivisionError):
-        upright = image.copy()  # a plain copy: its EXIF is read from info again, not cached
-    upright.info.pop("exif", None)
-    return upright
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode -> RGB, transparent parts composited on white (``models.picture.as_rgb``,
-    the pipeline's own rule), after the two cases it does not cover: 16-bit grey (Pillow's
-    conversion clips at 255 instead of scaling) and a transparent colour (tRNS) in a grey or RGB
-    PNG."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        transparent = image.info.get("transparency")
-        image = image.convert("I").point(lambda v: v * (1 / 257)).convert("L")
-        if isinstance(transparent, int):  # the transparent grey level, at 8 bits too
-            image.info["transparency"] = round(transparent / 257)
-    if image.mode in ("L", "RGB") and "transparency" in image.info:
-        image = image.convert("RGBA")
-    return as_rgb(image)

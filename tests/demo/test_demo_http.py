@@ -1,7 +1,7 @@
 """The demo model through the HTTP service: the prompt-adherence set sent as real requests to a real uvicorn
-server scores like the pipeline does, the service returns the same image as the CLI for the same seed, a prompt
-outside the demo's vocabulary is answered with a warning (JSON and raw PNG), and the README's API examples work
-against it."""
+server scores like the pipeline does, the service returns the same image as the CLI for the same seed (and the
+same input picture and strength), a prompt outside the demo's vocabulary is answered with a warning (JSON and
+raw PNG), and the README's API examples work against it."""
 
 from __future__ import annotations
 
@@ -68,6 +68,45 @@ def test_the_service_returns_the_cli_image_for_the_same_seed(live, tmp_path: Pat
     from_http = generate(live, prompt, seed)
     assert from_cli.shape == from_http.shape == (3, 128, 128)
     assert torch.equal(from_cli, from_http)
+
+
+def test_the_service_returns_the_cli_image_for_the_same_picture(live, tmp_path: Path) -> None:
+    """Image-to-image: the same picture, prompt, seed and strength give the same pixels over HTTP
+    and on the command line. The picture is 150 x 100, which both snap to 152 x 96, and its
+    background is a PNG tRNS colour, so both must also read it by one rule (models/picture.py:
+    composited on white)."""
+    picture = Image.new("RGB", (150, 100), (128, 0, 128))
+    picture.paste((255, 255, 0), (90, 30, 130, 70))
+    source = tmp_path / "in.png"
+    picture.save(source, transparency=(128, 0, 128))
+    prompt, seed, strength = "a yellow square at the right on a white background", 11, 0.6
+    fast = {"prior_steps": 4, "decoder_steps": 2}
+    out = tmp_path / "cli.png"
+    argv = [prompt, "--image", str(source), "--strength", str(strength), "--seed", str(seed)]
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in fast.items()]
+    assert cli.main([*argv, *flags, "-o", str(out)]) == 0
+    body = {
+        "prompt": prompt,
+        "image": base64.b64encode(source.read_bytes()).decode(),
+        "strength": strength,
+        "seed": seed,
+        **fast,
+    }
+    r = live.client.post("/v1/generate", json=body)
+    assert r.status_code == 200, r.text
+    assert (r.json()["width"], r.json()["height"]) == (152, 96)
+    from_http = png_to_tensor(base64.b64decode(r.json()["data"][0]["b64_json"]))
+    from_cli = png_to_tensor(out.read_bytes())
+    assert from_cli.shape == from_http.shape == (3, 96, 152)
+    assert torch.equal(from_cli, from_http)
+    # The transparent background mattered: the same picture without tRNS gives another image.
+    opaque = io.BytesIO()
+    picture.save(opaque, "PNG")
+    body["image"] = base64.b64encode(opaque.getvalue()).decode()
+    r = live.client.post("/v1/generate", json=body)
+    assert r.status_code == 200, r.text
+    without_trns = png_to_tensor(base64.b64decode(r.json()["data"][0]["b64_json"]))
+    assert not torch.equal(without_trns, from_http)
 
 
 def test_a_random_cli_seed_reproduces_over_http(live, tmp_path: Path, monkeypatch, capsys) -> None:

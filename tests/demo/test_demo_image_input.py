@@ -131,3 +131,27 @@ def test_the_cli_takes_a_picture(demo, tmp_path, capsys):
     assert Image.open(out).size == (128, 128)
     assert cli.main([*argv[:3], "--strength", "2", "-o", str(out), *fast]) == 2
     assert "strength" in capsys.readouterr().err
+
+
+def test_the_cli_reports_a_picture_it_cannot_read_in_one_line(tmp_path, capsys):
+    """Exit code 2 and one ``error:`` line naming the file, before the model is loaded."""
+    from models import cli
+
+    _, pictures = _pictures()
+    whole = tmp_path / "whole.png"
+    pictures[0].save(whole)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(whole.read_bytes()[:200])
+    text = tmp_path / "notes.png"
+    text.write_text("not a picture")
+    cases = {
+        tmp_path / "missing.png": "No such file or directory",
+        text: "not a picture format Pillow reads",
+        truncated: "truncated",
+    }
+    out = tmp_path / "out.png"
+    for path, reason in cases.items():
+        assert cli.main(["", "--image", str(path), "-o", str(out)]) == 2, path
+        (line,) = capsys.readouterr().err.splitlines()  # no traceback, no "model: ..." line
+        assert line.startswith(f"error: --image {path}: ") and reason in line, line
+        assert not out.exists()

@@ -31,6 +31,12 @@ The continuous policy:
 - **Rows of the chosen group, oldest first**, while their images fit in ``max_batch_images``; a
   job that does not fit is passed over for younger ones that do (it is still the oldest of the
   jobs left out, so it goes first next time its group is chosen).
+- **Overlap** (``CASCADE_STAGE_OVERLAP``): Stage C and Stage B are different networks, so a Stage C
+  forward and a Stage B forward can run at the same time (two CUDA streams). Then each iteration
+  advances the head's group and, beside it, the group of the oldest job in the other stage; the
+  catch-up above is off, since the head going on into Stage B no longer holds the jobs behind it
+  (they keep stepping beside it, and join its Stage B group, at whatever step it is, when they get
+  there). Groups of one network never run at once.
 - **Deadline** = before the job's first step: a queued job, or an admitted job that has not
   stepped, is expired once ``now`` passes its deadline.
 
@@ -137,6 +143,23 @@ def choose_group(active: Sequence[A], max_batch_images: int, catch_up: int = CAT
             chosen.append(job)
             room -= job.images
     return chosen
+
+
+def choose_groups(
+    active: Sequence[A], max_batch_images: int, catch_up: int = CATCH_UP, overlap: bool = False
+) -> list[list[A]]:
+    """The groups to advance in this iteration: ``[choose_group(...)]``, or with ``overlap`` up to
+    two to run at the same time, the head's group first and then the oldest job's group of the
+    other stage (module docstring). Empty when no active job has a step to run."""
+    if not overlap:
+        group = choose_group(active, max_batch_images, catch_up)
+        return [group] if group else []
+    first = choose_group(active, max_batch_images, catch_up=0)
+    if not first:
+        return []
+    others = [job for job in active if job.group is not None and job.stage != first[0].stage]
+    second = choose_group(others, max_batch_images, catch_up=0)
+    return [first, second] if second else [first]
 
 
 def expired(jobs: Iterable[E], now: float) -> list[E]:

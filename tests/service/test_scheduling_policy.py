@@ -54,8 +54,15 @@ class FakeScheduler:
     """Drives the policy as service/scheduler.py does: admit, choose, step; one time unit per
     step (the fake clock)."""
 
-    def __init__(self, max_batch: int, max_active: int, catch_up: int = policy.CATCH_UP) -> None:
+    def __init__(
+        self,
+        max_batch: int,
+        max_active: int,
+        catch_up: int = policy.CATCH_UP,
+        overlap: bool = False,
+    ) -> None:
         self.max_batch, self.max_active, self.catch_up = max_batch, max_active, catch_up
+        self.overlap = overlap
         self.now, self.queue, self.active, self.finished = 0.0, [], [], []
         self.next_order = 0
 
@@ -68,13 +75,14 @@ class FakeScheduler:
             self.queue.remove(job)
             job.order, self.next_order = self.next_order, self.next_order + 1
             self.active.append(job)
-        group = policy.choose_group(self.active, self.max_batch, self.catch_up)
-        self.now += 1
-        for job in group:
-            job.done_steps += 1
-            job.first_step = job.first_step if job.first_step is not None else self.now
-            job.groups_seen.append(len(group))
-        return group
+        groups = policy.choose_groups(self.active, self.max_batch, self.catch_up, self.overlap)
+        self.now += 1  # with overlap, the groups of one iteration run at the same time
+        for group in groups:
+            for job in group:
+                job.done_steps += 1
+                job.first_step = job.first_step if job.first_step is not None else self.now
+                job.groups_seen.append(len(group))
+        return [job for group in groups for job in group]
 
 
 def test_admission_is_oldest_first_and_a_large_job_is_never_overtaken():
@@ -176,3 +184,40 @@ def test_merging_at_the_boundary_fills_forwards_and_ends_sooner():
     forwards_with, first_with, late_with = results[policy.CATCH_UP]
     assert forwards_with < forwards_without and late_with < late_without
     assert first_with <= 30 + 4 + 1  # the head waited at most the 4 catch-up steps
+
+
+def test_with_overlap_a_stage_c_group_runs_beside_the_stage_b_group():
+    head, behind, other = FakeJob("head"), FakeJob("behind"), FakeJob("other", size=512)
+    for order, job in enumerate((head, behind, other)):
+        job.order = order
+    head.done_steps, behind.done_steps = 20, 15  # head at Stage B step 0, behind in Stage C
+    # no catch-up: the head goes on, and the oldest Stage C job's group runs beside it
+    assert policy.choose_groups([other, behind, head], 4, overlap=True) == [[head], [behind]]
+    assert policy.choose_groups([other, behind, head], 4) == [[behind]]  # catch-up, alone
+    behind.done_steps = 25  # both in Stage B (one network): one group, never two at once
+    assert policy.choose_groups([other, behind, head], 4, overlap=True) == [[head, behind], [other]]
+    other.done_steps = 25  # every job in Stage B: the 512 px group waits its turn
+    assert policy.choose_groups([other, behind, head], 4, overlap=True) == [[head, behind]]
+    assert policy.choose_groups([], 4, overlap=True) == []
+
+
+def test_with_overlap_no_job_waits_and_every_job_finishes():
+    """A job arriving while another is in Stage B starts at once beside it; a stream of jobs
+    all finish with their steps, none later than alone plus the bounded waits of its stage."""
+    sched = FakeScheduler(max_batch=4, max_active=8, overlap=True)
+    sched.queue.append(FakeJob("first"))
+    for _ in range(22):
+        sched.iterate()
+    late = FakeJob("late", arrived=sched.now)
+    sched.queue.append(late)
+    stepped = sched.iterate()
+    assert late in stepped and len(stepped) == 2  # first's Stage B step and late's Stage C step
+    for i in range(40):
+        sched.queue.append(FakeJob(f"j{i}", size=512 if i % 7 == 0 else 1024, arrived=sched.now))
+        sched.iterate()
+    while sched.active or sched.queue:
+        sched.iterate()
+    assert len(sched.finished) == 42
+    for job in sched.finished:
+        assert job.done_steps == job.prior + job.decoder
+        assert job.finished_at - job.first_step <= 8 * 30

@@ -21,6 +21,7 @@ as the service does after running out of device memory.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -54,7 +55,9 @@ class GraphCache:
     """``cache.run(forward, x, r, conditions)`` = ``forward(x, r, **conditions)``, through graphs.
 
     ``forward`` must compute the same function every time it is given for one network (the graph
-    recorded from the first one is replayed for the others). Not thread-safe: one sampling thread.
+    recorded from the first one is replayed for the others). One thread runs a cache; ``clear``
+    may come from another (after running out of memory while another stage's thread steps): the
+    bookkeeping is locked, and a replay already under way keeps its graph alive.
     """
 
     def __init__(self, max_graphs: int = 4) -> None:
@@ -62,14 +65,16 @@ class GraphCache:
         self.enabled = True
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self._seen: OrderedDict[tuple, None] = OrderedDict()  # signatures run eagerly once
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._graphs)
 
     def clear(self) -> None:
         """Drop every graph and its memory pool (the allocator frees them on ``empty_cache``)."""
-        self._graphs.clear()
-        self._seen.clear()
+        with self._lock:
+            self._graphs.clear()
+            self._seen.clear()
 
     def wrap(self, forward: Forward) -> Forward:
         """``forward`` with the same call signature, run through this cache."""
@@ -79,20 +84,25 @@ class GraphCache:
 
         return graphed
 
-    def run(self, forward: Forward, x: Tensor, r: Tensor, conditions: Mapping[str, Tensor]) -> Tensor:
+    def run(
+        self, forward: Forward, x: Tensor, r: Tensor, conditions: Mapping[str, Tensor]
+    ) -> Tensor:
         if not self.enabled or x.device.type != "cuda" or torch.is_grad_enabled():
             return forward(x, r, **conditions)
         key = _signature(x, r, conditions)
-        entry = self._graphs.get(key)
-        if entry is None:
-            if key not in self._seen:
+        with self._lock:
+            entry = self._graphs.get(key)
+            if entry is not None:
+                self._graphs.move_to_end(key)
+            seen = key in self._seen
+            if entry is None and not seen:
                 self._remember(key)
+        if entry is None:
+            if not seen:
                 return forward(x, r, **conditions)
             entry = self._capture(key, forward, x, r, conditions)
             if entry is None:
                 return forward(x, r, **conditions)
-        else:
-            self._graphs.move_to_end(key)
         entry.x.copy_(x)
         entry.r.copy_(r)
         for name, value in conditions.items():
@@ -108,13 +118,15 @@ class GraphCache:
     def _capture(
         self, key: tuple, forward: Forward, x: Tensor, r: Tensor, conditions: Mapping[str, Tensor]
     ) -> _Graph | None:
-        while len(self._graphs) >= self.max_graphs:
-            self._graphs.popitem(last=False)
+        with self._lock:
+            while len(self._graphs) >= self.max_graphs:
+                self._graphs.popitem(last=False)
         static_x, static_r = x.clone(), r.clone()
         static_c = {name: value.clone() for name, value in conditions.items()}
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            # thread_local: another stage's thread may be running kernels while this one records
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 out = forward(static_x, static_r, **static_c)
         except torch.OutOfMemoryError:
             self.clear()
@@ -126,5 +138,6 @@ class GraphCache:
             self.clear()
             return None
         entry = _Graph(graph, static_x, static_r, static_c, out)
-        self._graphs[key] = entry
+        with self._lock:
+            self._graphs[key] = entry
         return entry

@@ -79,6 +79,10 @@ class StepEngine:
         self.stage_c, self.stage_b, self.stage_a = stage_c, stage_b, stage_a
         self.text_encoder = text_encoder
         self.device, self.dtype, self.graphs = device, dtype, graphs
+        if device.type == "cuda" and dtype == torch.float32:
+            # autocast() turns TF32 off per call; the flag is process-wide, so when two threads
+            # step at once (stage overlap) one's exit could turn it back on under the other.
+            torch.backends.cudnn.allow_tf32 = False
         # EfficientNet encoder (image-to-image) and CLIP image tower (variations); None: absent.
         self.image_encoder, self.clip_image = image_encoder, clip_image
 
@@ -197,6 +201,7 @@ class StepEngine:
         for state in states:
             if state.group_key != key or state.position.step >= state.position.total:
                 raise ValueError("a step's states must share group_key and have a step left")
+        self._claim_for_stream(states)
         started = self._clock()
         pad_to = (lambda rows: bucket_size(rows, GRAPH_BUCKETS)) if self.graphs else None
         x0s = denoise_step(self._forward(stage), states, pad_to)
@@ -317,10 +322,40 @@ class StepEngine:
         ):
             yield
 
+    def _side_stream(self) -> torch.cuda.Stream | None:
+        """The calling thread's CUDA stream when it is not the default one (stage overlap runs
+        each compute thread on a stream of its own), else None."""
+        if self.device.type != "cuda":
+            return None
+        stream = torch.cuda.current_stream(self.device)
+        return None if stream == torch.cuda.default_stream(self.device) else stream
+
+    def _claim_for_stream(self, states: Sequence[JobState]) -> None:
+        """On a side stream, tell the allocator that this stream uses the states' tensors: a
+        state's latents may come from another stream (Stage C's thread hands them to Stage B's),
+        and a tensor this step replaces must not go back to that stream's pool while this
+        stream's kernels still read it."""
+        stream = self._side_stream()
+        if stream is None:
+            return
+        for state in states:
+            tensors = [state.x, state.position.r, *state.decoder_clip]
+            tensors += [*state.conditioning.cond.values(), *state.conditioning.uncond.values()]
+            if state.x0 is not None:
+                tensors.append(state.x0)
+            for tensor in tensors:
+                if tensor.device.type == "cuda":
+                    tensor.record_stream(stream)
+
     def _clock(self) -> float:
-        """Wall time after the device has finished its queued work."""
+        """Wall time after the device has finished the work this thread queued (with stage
+        overlap, another thread's stream may still be busy: that is not waited for)."""
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            stream = self._side_stream()
+            if stream is None:
+                torch.cuda.synchronize(self.device)
+            else:
+                stream.synchronize()
         return time.perf_counter()
 
 

@@ -1,8 +1,11 @@
-"""Engine: owns the loaded pipeline and the one thread that runs it.
+"""Engine: owns the loaded pipeline and the thread that runs it.
 
-The pipeline is not thread-safe and its calls block (a step takes milliseconds to seconds), so every
-call goes through a single dedicated compute thread; the event loop only awaits its futures and
-stays free for health checks, metrics, new requests and cancellations. The scheduler calls
+The pipeline's calls block (a step takes milliseconds to seconds), so every call goes through a
+dedicated compute thread; the event loop only awaits its futures and stays free for health checks,
+metrics, new requests and cancellations. With stage overlap (CASCADE_STAGE_OVERLAP) Stage B steps
+run on a second compute thread, at the same time as a Stage C step on the first: the two touch
+different networks and different job states, and on CUDA each thread queues its kernels on a
+stream of its own, so the GPU runs both forwards at once. The scheduler calls
 ``start`` (text), ``step`` (one batched denoising step) and ``decode`` (Stage A) on job states it
 treats as opaque. This module and imaging.py are the only service modules that import torch.
 """
@@ -55,17 +58,23 @@ def _images(states: Sequence[Any]) -> int:
 
 class ComputeThread:
     """One daemon thread running submitted callables in order. A daemon, so that a batch still
-    running when the drain timeout has passed cannot keep the process alive."""
+    running when the drain timeout has passed cannot keep the process alive. ``setup`` runs on the
+    thread before its first task (e.g. ``own_stream``)."""
 
-    def __init__(self, name: str = "cascade-compute") -> None:
+    def __init__(
+        self, name: str = "cascade-compute", setup: Callable[[], None] | None = None
+    ) -> None:
         self._tasks: queue.SimpleQueue[
             tuple[concurrent.futures.Future[Any], Callable[[], Any]] | None
         ]
         self._tasks = queue.SimpleQueue()
+        self._setup = setup
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
+        if self._setup is not None:
+            self._setup()
         while (item := self._tasks.get()) is not None:
             future, fn = item
             if future.set_running_or_notify_cancel():
@@ -143,12 +152,41 @@ def load_pipeline(settings: Settings) -> Pipeline:
     )
 
 
-class Engine:
-    """The loaded pipeline plus its compute thread."""
+def own_stream(device: torch.device) -> Callable[[], None]:
+    """A call that makes the calling thread queue its CUDA work on a new stream of ``device``,
+    once the work queued so far is done (nothing on the CPU): run first on each compute thread of
+    an overlapping engine."""
 
-    def __init__(self, pipeline: Pipeline, thread: ComputeThread) -> None:
+    def setup() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.set_stream(torch.cuda.Stream(device))
+
+    return setup
+
+
+class Engine:
+    """The loaded pipeline plus its compute thread; ``decoder_thread``: a second one for Stage B
+    steps (stage overlap), None to run everything on ``thread``."""
+
+    def __init__(
+        self, pipeline: Pipeline, thread: ComputeThread, decoder_thread: ComputeThread | None = None
+    ) -> None:
         self.pipeline = pipeline
         self._thread = thread
+        self._decoder_thread = decoder_thread
+
+    async def start_overlap(self) -> ComputeThread:
+        """Run Stage B steps on a second compute thread from now on (stage overlap), each thread
+        on a CUDA stream of its own; returns the new thread (to stop at shutdown)."""
+        await self._thread.run(own_stream(self.device))
+        self._decoder_thread = ComputeThread("cascade-compute-decoder", own_stream(self.device))
+        return self._decoder_thread
+
+    @property
+    def overlaps(self) -> bool:
+        """Whether a Stage C step and a Stage B step may be awaited at the same time."""
+        return self._decoder_thread is not None
 
     @property
     def defaults(self) -> SamplingDefaults:
@@ -208,33 +246,47 @@ class Engine:
                     pictures[i] = picture
             return events, pictures
 
-        return await self._run(call, _images(states))
+        decoder = bool(states) and getattr(states[0], "stage", None) is Stage.DECODER
+        return await self._run(call, _images(states), self._decoder_thread if decoder else None)
 
     async def decode(self, states: Sequence[Any]) -> list[GenerationResult | NonFiniteOutput]:
         """Stage A for finished states: one result (or NonFiniteOutput) per state."""
         states = list(states)
         return await self._run(lambda: self.pipeline.decode(states), _images(states))
 
-    async def _run(self, fn: Callable[[], T], images: int) -> T:
-        """``fn`` on the compute thread, in inference mode. Raises errors.OutOfMemory (after
-        freeing cached memory) when the device ran out of memory; any other exception from the
-        pipeline passes through."""
+    async def _run(
+        self, fn: Callable[[], T], images: int, thread: ComputeThread | None = None
+    ) -> T:
+        """``fn`` on the compute thread (``thread`` when one is given), in inference mode. Raises
+        errors.OutOfMemory when the device ran out of memory, after freeing cached memory unless
+        the engine overlaps stages (another thread may be stepping: the scheduler then calls
+        ``release_memory`` once both steps are over); any other exception from the pipeline
+        passes through."""
 
         def call() -> T:
             try:
                 with torch.inference_mode():
                     return fn()
             except torch.OutOfMemoryError as exc:
-                if self.device.type == "cuda":
-                    clear = getattr(self.pipeline, "clear_cuda_graphs", None)
-                    if clear is not None:
-                        clear()  # recorded graphs hold activation memory: give it back first
-                    torch.cuda.empty_cache()
+                if not self.overlaps:
+                    self._free_memory()
                 raise OutOfMemory(
                     f"out of device memory for a step of {images} image(s): {exc}"
                 ) from None
 
-        return await self._thread.run(call)
+        return await (thread or self._thread).run(call)
+
+    async def release_memory(self) -> None:
+        """Give back the recorded CUDA graphs and the cached device memory (after running out of
+        memory with stage overlap; no compute call may be in flight)."""
+        await self._thread.run(self._free_memory)
+
+    def _free_memory(self) -> None:
+        if self.device.type == "cuda":
+            clear = getattr(self.pipeline, "clear_cuda_graphs", None)
+            if clear is not None:
+                clear()  # recorded graphs hold activation memory: give it back first
+            torch.cuda.empty_cache()
 
     async def warm_up(self) -> None:
         """One generation at the default size through the scheduler's calls, so the first real

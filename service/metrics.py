@@ -86,6 +86,12 @@ class Metrics:
         self.steps = Counter(
             "cascade_steps", "Batched denoising steps (forwards) run", ["stage"], registry=r
         )
+        self.overlapped_steps = Counter(
+            "cascade_overlapped_steps",
+            "Scheduler iterations that ran a Stage C step and a Stage B step at the same time "
+            "(CASCADE_STAGE_OVERLAP)",
+            registry=r,
+        )
         self.time_to_first_step = Histogram(
             "cascade_time_to_first_step_seconds",
             "Time from arrival to the end of a job's first denoising step",

@@ -53,6 +53,7 @@ class Runtime:
         self.on_fatal: Callable[[], None] | None = None  # set by __main__: stop the process
         self._factory = pipeline_factory
         self._thread: ComputeThread | None = None
+        self._decoder_thread: ComputeThread | None = None  # stage overlap's Stage B thread
         self._encode_pool = ThreadPoolExecutor(
             settings.encode_threads, thread_name_prefix="cascade-encode"
         )
@@ -74,6 +75,8 @@ class Runtime:
             set_torch_threads(self.settings.torch_threads)
             pipeline = await thread.run(lambda: self._factory(self.settings))
             engine = Engine(pipeline, thread)
+            if self.settings.stage_overlap:
+                self._decoder_thread = await engine.start_overlap()
             info = engine.model_info
             logger.info("model loaded in %.1fs: %s", time.monotonic() - started, info)
             if info.get("demo"):
@@ -101,6 +104,7 @@ class Runtime:
             max_batch_images=self.settings.max_batch_images,
             max_active_images=self.settings.max_active_images,
             max_batch_wait_s=self.settings.max_batch_wait_ms / 1000,
+            overlap=engine.overlaps,
         )
         self._tasks.append(asyncio.create_task(scheduler.run(), name="cascade-scheduler"))
         if self.state == "starting":
@@ -320,8 +324,9 @@ class Runtime:
                 )
             )
         self._set_state("stopped")
-        if self._thread is not None:
-            self._thread.stop()
+        for thread in (self._thread, self._decoder_thread):
+            if thread is not None:
+                thread.stop()
         self._encode_pool.shutdown(wait=False)
 
 

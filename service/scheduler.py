@@ -8,7 +8,9 @@ metrics are served in between):
   3. admit: continuous mode admits queued jobs oldest first within CASCADE_MAX_ACTIVE_IMAGES;
      static mode admits one batch of compatible jobs (service/batching.py) when nothing is active;
      their text is encoded in one call;
-  4. advance the chosen group by one step (one batched forward).
+  4. advance the chosen group by one step (one batched forward); with stage overlap, a Stage C
+     group and a Stage B group at the same time (each on its own compute thread), awaited
+     together.
 A call that raises is retried on each half of its jobs, down to one job, which alone fails, so a
 job that breaks a forward fails only itself; out of memory also caps that group's forward size
 for a while. A job whose images are NaN/inf fails alone. Nothing here imports torch: job states are the engine's, opaque to the service.
@@ -16,6 +18,7 @@ for a while. A job whose images are NaN/inf fails alone. Nothing here imports to
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
@@ -54,10 +57,13 @@ class Scheduler:
         max_batch_images: int,
         max_active_images: int,
         max_batch_wait_s: float,
+        overlap: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``overlap``: step a Stage C group and a Stage B group at once (the engine runs them on
+        two compute threads); continuous mode only."""
         self.queue, self.engine, self.metrics = queue, engine, metrics
-        self.mode, self.clock = mode, clock
+        self.mode, self.clock, self.overlap = mode, clock, overlap
         self.max_batch_images, self.max_active_images = max_batch_images, max_active_images
         self.max_batch_wait_s = max_batch_wait_s
         self.active: list[Job] = []  # admitted, not yet answered by the scheduler
@@ -98,9 +104,11 @@ class Scheduler:
         await self._admit()
         self._report_positions()
         self._drop_answered()
-        group = policy.choose_group(self.active, self.max_batch_images)
-        if group:
-            await self._isolating(self._capped(group), self._step)
+        groups = policy.choose_groups(self.active, self.max_batch_images, overlap=self.overlap)
+        if len(groups) == 1:
+            await self._isolating(self._capped(groups[0]), self._step)
+        elif groups:
+            await self._step_together([self._capped(group) for group in groups])
         self._publish()
         if self._calls == calls:  # nothing computed: wait for news instead of spinning
             await self.queue.wait_for_put(IDLE_WAIT_S)
@@ -172,6 +180,22 @@ class Scheduler:
                 job.step = 0
                 job.total = job.params.decoder_steps if job.stage == "decoder" else 0
 
+    async def _step_together(self, groups: list[list[Job]]) -> None:
+        """Step groups of different networks at the same time. A group whose call raised is then
+        retried as ``_isolating`` does, alone: the other group's step stands."""
+        self._calls += 1
+        self.metrics.overlapped_steps.inc()
+        outcomes = await asyncio.gather(
+            *(self._step(group) for group in groups), return_exceptions=True
+        )
+        for group, outcome in zip(groups, outcomes, strict=True):
+            if outcome is None:
+                self.metrics.batches.labels("ok").inc()
+            elif isinstance(outcome, Exception):
+                await self._recover(group, outcome, self._step)
+            else:  # cancelled or exiting: not a job's failure
+                raise outcome
+
     # ---- decoding ----
 
     async def _decode(self, jobs: list[Job]) -> None:
@@ -214,14 +238,23 @@ class Scheduler:
             await call(jobs)
             self.metrics.batches.labels("ok").inc()
             return
-        except OutOfMemory as exc:
+        except Exception as exc:  # noqa: BLE001 (isolated below: only the failing job fails)
+            await self._recover(jobs, exc, call)
+
+    async def _recover(
+        self, jobs: list[Job], exc: Exception, call: Callable[[list[Job]], Awaitable[None]]
+    ) -> None:
+        """After ``call(jobs)`` raised ``exc``: count it, cap the group on out of memory, fail a
+        lone job, or retry each half (``_isolating``)."""
+        error: Exception
+        if isinstance(exc, OutOfMemory):
+            if self.overlap:  # the engine left freeing memory to us: nothing is in flight now
+                await self.engine.release_memory()
             self.metrics.batches.labels("oom").inc()
-            error: Exception = OutOfMemory(
-                f"{exc.message}; retry with fewer images or a smaller size"
-            )
+            error = OutOfMemory(f"{exc.message}; retry with fewer images or a smaller size")
             if call == self._step and len(jobs) > 1:
                 self._caps[jobs[0].group] = _Cap(max(1, len(jobs) // 2))
-        except Exception as exc:  # noqa: BLE001 (isolated below: only the failing job fails)
+        else:
             self.metrics.batches.labels("error").inc()
             logger.warning("a call for %d job(s) failed: %r", len(jobs), exc)
             error = GenerationFailed(

@@ -112,6 +112,12 @@ class Settings(BaseModel):
         description="continuous: jobs join and leave the running batch at every denoising step; "
         "static: a batch of compatible requests runs to its end before the next one starts.",
     )
+    stage_overlap: bool = Field(
+        False,
+        description="Continuous batching: run a Stage C step and a Stage B step at the same time "
+        "(two compute threads; on CUDA two streams), so that jobs in one stage do not wait for "
+        "the other's forwards. For GPUs; on a CPU the two forwards share the same cores.",
+    )
     max_active_images: int = Field(
         16,
         ge=1,
@@ -182,6 +188,15 @@ class Settings(BaseModel):
         description="Comma-separated origins (scheme://host[:port]) whose web pages may call the "
         "API, or * for any. Unset: no CORS headers, so browsers refuse cross-origin calls.",
     )
+
+    @model_validator(mode="after")
+    def _check_overlap(self) -> Settings:
+        if self.stage_overlap and self.batching == "static":
+            raise ValueError(
+                "CASCADE_STAGE_OVERLAP needs CASCADE_BATCHING=continuous (a static batch is in "
+                "one stage at a time)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_active_images(self) -> Settings:

@@ -95,3 +95,59 @@ def test_tiny_pipeline_images_are_the_eager_ones(dtype: torch.dtype) -> None:
         alone = pipe.generate(reqs[1:]).results[0].images  # another batch shape, same image
     assert torch.equal(alone, eager[1])
     assert len(pipe.graphs["prior"]) == 2 and len(pipe.graphs["decoder"]) == 2  # two batch shapes
+
+
+def _step_in_inference_mode(pipe, states):
+    with torch.inference_mode():  # thread-local: the helper thread needs its own
+        return pipe.step(states)
+
+
+@cuda
+@pytest.mark.parametrize("graphs", [False, True])
+def test_stages_stepped_at_once_on_two_streams_give_the_sequential_images(graphs: bool) -> None:
+    """Stage overlap as service/engine.py runs it: Stage C steps on this thread, Stage B steps on
+    another at the same time, each thread on a CUDA stream of its own; the images equal those of
+    the same steps run one after the other on the default stream."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from models.job_state import Stage
+    from models.tiny import build_tiny_pipeline
+    from service.engine import own_stream
+
+    pipe = build_tiny_pipeline(0, "cuda")
+    if graphs:
+        pipe.graphs = {"prior": GraphCache(), "decoder": GraphCache()}
+    reqs = [GenerationParams(prompt="ahead", seed=1, width=128, height=128, prior_steps=2,
+                             decoder_steps=6, num_images=2),
+            GenerationParams(prompt="behind", seed=2, width=128, height=128, prior_steps=8,
+                             decoder_steps=3)]  # fmt: skip
+
+    def images(beside: ThreadPoolExecutor | None) -> tuple[list[Tensor], int]:
+        overlapped = 0
+        with torch.inference_mode():
+            states = pipe.start(reqs)
+            while True:
+                prior = [s for s in states if s.stage is Stage.PRIOR]
+                decoder = [s for s in states if s.stage is Stage.DECODER]
+                if not prior and not decoder:
+                    break
+                if beside is not None and prior and decoder:
+                    other = beside.submit(_step_in_inference_mode, pipe, decoder)
+                    pipe.step(prior)
+                    other.result()
+                    overlapped += 1
+                else:
+                    for group in (g for g in (prior, decoder) if g):
+                        pipe.step(group)
+            return [r.images for r in pipe.decode(states)], overlapped
+
+    sequential, _ = images(None)
+    own_stream(torch.device("cuda"))()
+    try:
+        with ThreadPoolExecutor(1, initializer=own_stream(torch.device("cuda"))) as beside:
+            for _ in range(2):  # with graphs: the first run records, the second only replays
+                overlapped_images, overlapped = images(beside)
+                assert overlapped > 0
+                assert all(torch.equal(a, b) for a, b in zip(sequential, overlapped_images, strict=True))
+    finally:
+        torch.cuda.set_stream(torch.cuda.default_stream())

@@ -155,7 +155,14 @@ def test_client_disconnect_while_queued_drops_the_job(
         assert pipeline.batches == [["blocker"], ["next"]]
 
 
-@pytest.mark.parametrize("batching", ["continuous", "static"])
+def mode(batching: str) -> dict[str, Any]:
+    """Settings of a batching mode; "overlap": continuous with stage overlap."""
+    if batching == "overlap":
+        return {"batching": "continuous", "stage_overlap": True}
+    return {"batching": batching}
+
+
+@pytest.mark.parametrize("batching", ["continuous", "static", "overlap"])
 def test_a_failing_job_fails_only_itself_and_the_scheduler_goes_on(
     tiny_pipeline: Any, pool: ThreadPoolExecutor, batching: str
 ) -> None:
@@ -163,7 +170,7 @@ def test_a_failing_job_fails_only_itself_and_the_scheduler_goes_on(
     only that job fails, whoever shared its forwards."""
     pipeline = FaultyPipeline(tiny_pipeline)
     pipeline.raise_for = "explode"
-    with serve(pipeline, max_batch_images=2, batching=batching) as live:
+    with serve(pipeline, max_batch_images=2, **mode(batching)) as live:
         blocker = hold_compute(live, pipeline, pool)
         doomed = post(live, pool, {"prompt": "explode", "seed": 1})
         neighbour = post(live, pool, {"prompt": "neighbour"})
@@ -200,12 +207,12 @@ def test_non_finite_output_fails_only_that_request(
         assert good.result().status_code == 200 and good.result().json()["batch_images"] == 2
 
 
-@pytest.mark.parametrize("batching", ["continuous", "static"])
+@pytest.mark.parametrize("batching", ["continuous", "static", "overlap"])
 def test_out_of_memory_shrinks_the_group_and_succeeds(
     tiny_pipeline: Any, pool: ThreadPoolExecutor, batching: str
 ) -> None:
     pipeline = FaultyPipeline(tiny_pipeline)
-    with serve(pipeline, max_batch_images=4, batching=batching) as live:
+    with serve(pipeline, max_batch_images=4, **mode(batching)) as live:
         blocker = hold_compute(live, pipeline, pool)
         pipeline.oom_above = 1
         futures = [post(live, pool, {"prompt": f"p{i}", "seed": i}) for i in range(3)]

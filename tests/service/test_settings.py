@@ -148,3 +148,14 @@ def test_a_bad_image_limit_stops_start_up_with_one_line(
 ) -> None:
     message = one_message(run_service(**{setting: value}))
     assert f"CASCADE_{setting.upper()}={value!r}" in message and hint in message
+
+
+def test_stage_overlap_is_off_by_default_and_needs_continuous_batching() -> None:
+    assert Settings.from_env({}).stage_overlap is False
+    assert Settings.from_env({"CASCADE_STAGE_OVERLAP": "1"}).stage_overlap is True
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"CASCADE_STAGE_OVERLAP": "true", "CASCADE_BATCHING": "static"})
+    assert "CASCADE_STAGE_OVERLAP needs CASCADE_BATCHING=continuous" in str(info.value)
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"CASCADE_STAGE_OVERLAP": "maybe"})
+    assert "CASCADE_STAGE_OVERLAP='maybe'" in str(info.value) and "boolean" in str(info.value)

@@ -176,7 +176,7 @@ def check_unet_parity(rep: Report, device: torch.device) -> None:
 
 def check_service(rep: Report, device: torch.device) -> None:
     """The built-in demo model served over HTTP on ``device`` (CUDA graphs on and off) vs the CPU
-    pipeline, same requests."""
+    pipeline, same requests; then with stage overlap, among other requests."""
     import io
 
     import httpx
@@ -211,8 +211,40 @@ def check_service(rep: Report, device: torch.device) -> None:
                   f"mean {diff.mean():.3f} levels",
                   f"  - model: {info}", f"  - GPU memory gauges: {' ; '.join(gpu) or 'NONE'}"]
     same = torch.equal(images["true"], images["false"])
+    lines.append(served_with_stage_overlap(device, body, images["true"]))
     rep.add("", f"### Built-in demo model over HTTP on {device.type}", "", *lines,
             f"- image with graphs = image without: {'yes' if same else 'NO'}")
+
+
+def served_with_stage_overlap(device: torch.device, body: dict, reference: torch.Tensor) -> str:
+    """CASCADE_STAGE_OVERLAP=true: ``body`` among 7 other requests sent 50 ms apart (so that some
+    are in Stage B while others are in Stage C), its image against ``reference`` (the same request
+    alone, graphs on); how many iterations overlapped."""
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    import numpy as np
+    from PIL import Image
+    from server_process import ServerProcess
+
+    settings = {"CASCADE_DEVICE": device.type, "CASCADE_STAGE_OVERLAP": "true"}
+    with ServerProcess(settings) as server, ThreadPoolExecutor(8) as pool:
+        futures = []
+        for s in range(8):
+            futures.append(pool.submit(httpx.post, f"{server.url}/v1/generate",
+                                       json={**body, "seed": 42 + s}, timeout=300))
+            time.sleep(0.05)
+        responses = [f.result() for f in futures]
+        metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    ok = sum(r.status_code == 200 for r in responses)
+    overlapped = [line for line in metrics.splitlines() if line.startswith("cascade_overlapped_steps_total")]
+    if responses[0].status_code != 200:
+        return f"- CASCADE_STAGE_OVERLAP=true: {ok}/8 200s; first: {responses[0].status_code} {responses[0].text[:300]}"
+    mine = torch.from_numpy(np.array(Image.open(io.BytesIO(responses[0].content)))).float()
+    diff = (mine - reference).abs()
+    return (f"- CASCADE_STAGE_OVERLAP=true, 8 requests 50 ms apart: {ok}/8 200s, {'; '.join(overlapped) or 'NO METRIC'}; "
+            f"seed 42's image vs alone: max {diff.max():.0f}, mean {diff.mean():.3f} levels")
 
 
 # --------------------------------------------------------------------------------------------- speed

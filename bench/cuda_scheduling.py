@@ -5,7 +5,10 @@ A stream of 16 requests at 1024x1024 (Stage C 20 steps CFG 4, Stage B 10 steps, 
 ``gap`` seconds, ``gap`` = a quarter of one request's solo time, up to 8 images per forward:
 - static: when idle, every request that has arrived (up to 8) forms a batch that runs to its end;
 - continuous: each iteration admits what has arrived, advances the group of the oldest job one step
-  (service/scheduling_policy.py's choice, the service's own policy code) and decodes finished jobs.
+  (service/scheduling_policy.py's choice, the service's own policy code) and decodes finished jobs;
+- continuous + stage overlap (CASCADE_STAGE_OVERLAP): the same, and beside the oldest job's group a
+  group of the other stage, on a second thread with its own CUDA stream, as service/engine.py runs
+  them.
 Reported: throughput, mean and max latency (arrival to image), and whether every image is finite.
 ``--device cpu --tiny`` runs it with tiny networks (a check of the script).
 """
@@ -13,6 +16,7 @@ Reported: throughput, mean and max latency (arrival to image), and whether every
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -20,6 +24,7 @@ import torch
 from models.job_state import Stage
 from models.request import GenerationParams, NonFiniteOutput
 from service import scheduling_policy as policy
+from service.engine import own_stream
 
 REQUESTS, MAX_BATCH = 16, 8
 
@@ -84,8 +89,9 @@ def _static(pipe: Any, reqs: list[GenerationParams], gap: float, sync: Any) -> t
 
 
 def _continuous(
-    pipe: Any, reqs: list[GenerationParams], gap: float, sync: Any
+    pipe: Any, reqs: list[GenerationParams], gap: float, sync: Any, beside: Any = None
 ) -> tuple[list, list]:
+    """``beside``: an executor whose thread steps the second group of an overlapped iteration."""
     start, next_req, active, latencies, results = time.perf_counter(), 0, [], [], []
     while len(results) < len(reqs):
         now = time.perf_counter() - start
@@ -103,12 +109,35 @@ def _continuous(
             end = time.perf_counter() - start
             latencies += [end - a.arrived for a in finished]
             active = [a for a in active if a not in finished]
-        group = policy.choose_group(active, MAX_BATCH)
-        if group:
-            pipe.step([a.state for a in group])
+        groups = policy.choose_groups(active, MAX_BATCH, overlap=beside is not None)
+        if len(groups) == 2:
+            other = beside.submit(_step_in_inference_mode, pipe, [a.state for a in groups[1]])
+            pipe.step([a.state for a in groups[0]])
+            other.result()
+        elif groups:
+            pipe.step([a.state for a in groups[0]])
         elif not active:
             time.sleep(max(0.0, next_req * gap - (time.perf_counter() - start)))
     return latencies, results
+
+
+def _step_in_inference_mode(pipe: Any, states: list[Any]) -> Any:
+    with torch.inference_mode():  # thread-local: the helper thread's own
+        return pipe.step(states)
+
+
+def _overlapped(
+    device: torch.device, pipe: Any, reqs: list[GenerationParams], gap: float, sync: Any
+) -> tuple[list, list]:
+    """_continuous with stage overlap: this thread and the helper each on a stream of their own."""
+    sync()
+    own_stream(device)()
+    try:
+        with ThreadPoolExecutor(1, initializer=own_stream(device)) as beside:
+            return _continuous(pipe, reqs, gap, sync, beside)
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_stream(torch.cuda.default_stream(device))
 
 
 def bench_scheduling(
@@ -132,7 +161,12 @@ def bench_scheduling(
             sync()
             solo = time.perf_counter() - t0
             gap = solo / 4
-            for mode, run in (("static", _static), ("continuous", _continuous)):
+            modes = {
+                "static": _static,
+                "continuous": _continuous,
+                "continuous + stage overlap": lambda *a: _overlapped(device, *a),
+            }
+            for mode, run in modes.items():
                 t0 = time.perf_counter()
                 latencies, results = run(pipe, reqs, gap, sync)
                 wall = time.perf_counter() - t0

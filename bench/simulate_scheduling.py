@@ -1,14 +1,17 @@
 """Static vs continuous batching in simulation: the service's own policy code on a fake clock.
 
     python bench/simulate_scheduling.py [--jobs 2000] [--fixed 0.033] [--per-image 0.0037]
+        [--overlap-cost 1.2]
 
 Each denoising forward costs ``fixed + per_image x images`` seconds (defaults: the demo model's Stage C
 step on one CPU thread, measured with ``StepEngine.step`` at 1, 2, 4 and 8 images: 37, 41, 64, 64 ms),
 Stage A ``0.02 + 0.015 x images``, text 7 ms. Requests arrive as a Poisson stream (80% at 128 px with
 20 + 10 steps, 10% at 192 px, 10% with 10 Stage C steps; up to 4 images per forward, 16 in flight) at
 30/60/90% of the static mode's capacity. Static forms batches as service/batching.py does; continuous
-runs service/scheduling_policy.py with and without the Stage B catch-up. No torch, seconds to run:
-for choosing a policy, not for claims about a machine (bench/bench_scheduling.py measures those).
+runs service/scheduling_policy.py with and without the Stage B catch-up, and with stage overlap
+(CASCADE_STAGE_OVERLAP: a Stage C and a Stage B forward at once, costing ``--overlap-cost`` x the
+longer of the two; an assumption about a GPU running two streams, 2 = no gain). No torch, seconds to
+run: for choosing a policy, not for claims about a machine (bench/bench_scheduling.py measures those).
 """
 
 from __future__ import annotations
@@ -96,7 +99,14 @@ def static(jobs: list[Job], costs: Costs, max_batch: int = 4) -> None:
         done += len(batch)
 
 
-def continuous(jobs: list[Job], costs: Costs, catch_up: int, max_batch: int = 4) -> None:
+def continuous(
+    jobs: list[Job],
+    costs: Costs,
+    catch_up: int,
+    max_batch: int = 4,
+    overlap_cost: float | None = None,
+) -> None:
+    """``overlap_cost``: stage overlap on, two forwards at once cost that x the longer one."""
     t, queue, active, i, done, order = 0.0, [], [], 0, 0, 0
     while done < len(jobs):
         while i < len(jobs) and jobs[i].arrived <= t:
@@ -116,10 +126,11 @@ def continuous(jobs: list[Job], costs: Costs, catch_up: int, max_batch: int = 4)
             active.append(job)
         if admitted:
             t += costs.text
-        group = policy.choose_group(active, max_batch, catch_up)
-        if group:
-            t += costs.forward(len(group))
-            for job in group:
+        groups = policy.choose_groups(active, max_batch, catch_up, overlap_cost is not None)
+        if groups:
+            longest = max(costs.forward(len(group)) for group in groups)
+            t += longest * (overlap_cost if len(groups) == 2 and overlap_cost else 1.0)
+            for job in (job for group in groups for job in group):
                 job.done_steps += 1
         elif not active and i < len(jobs):
             t = max(t, jobs[i].arrived)
@@ -136,6 +147,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--fixed", type=float, default=0.033)
     parser.add_argument("--per-image", type=float, default=0.0037)
+    parser.add_argument("--overlap-cost", type=float, default=1.2)
     args = parser.parse_args()
     costs = Costs(args.fixed, args.per_image)
     saturated = arrivals(400, 1e6, 1)
@@ -143,14 +155,19 @@ def main() -> None:
     capacity = len(saturated) / max(j.end for j in saturated)
     print(f"static capacity {capacity:.2f} requests/s; forward = {args.fixed * 1000:.0f} ms + "
           f"{args.per_image * 1000:.1f} ms x images\n")  # fmt: skip
-    print("| load | mode | mean (s) | p99 (s) | throughput (req/s) | mean / static | p99 / static |")
+    print(
+        "| load | mode | mean (s) | p99 (s) | throughput (req/s) | mean / static | p99 / static |"
+    )
     print("|---|---|---|---|---|---|---|")
     for load in (0.3, 0.6, 0.9):
         runs = {"static": lambda jobs: static(jobs, costs)}
         for catch_up in (0, policy.CATCH_UP):
-            runs[f"continuous, catch_up={catch_up}"] = (
-                lambda jobs, c=catch_up: continuous(jobs, costs, c)
+            runs[f"continuous, catch_up={catch_up}"] = lambda jobs, c=catch_up: continuous(
+                jobs, costs, c
             )
+        runs[f"continuous, stage overlap (x{args.overlap_cost:g})"] = lambda jobs: continuous(
+            jobs, costs, 0, overlap_cost=args.overlap_cost
+        )
         base = None
         for name, run in runs.items():
             jobs = arrivals(args.jobs, load * capacity, 7)

@@ -166,7 +166,7 @@ def main() -> None:
                 jobs, costs, c
             )
         runs[f"continuous, stage overlap (x{args.overlap_cost:g})"] = lambda jobs: continuous(
-            jobs, costs, 0, overlap_cost=args.overlap_cost
+            jobs, costs, policy.OVERLAP_CATCH_UP, overlap_cost=args.overlap_cost
         )
         base = None
         for name, run in runs.items():

@@ -33,10 +33,12 @@ The continuous policy:
   jobs left out, so it goes first next time its group is chosen).
 - **Overlap** (``CASCADE_STAGE_OVERLAP``): Stage C and Stage B are different networks, so a Stage C
   forward and a Stage B forward can run at the same time (two CUDA streams). Then each iteration
-  advances the head's group and, beside it, the group of the oldest job in the other stage; the
-  catch-up above is off, since the head going on into Stage B no longer holds the jobs behind it
-  (they keep stepping beside it, and join its Stage B group, at whatever step it is, when they get
-  there). Groups of one network never run at once.
+  advances the group chosen above and, beside it, the group of the oldest job in the other stage.
+  The head going on into Stage B no longer stops the jobs behind it (they keep stepping beside it
+  and join its Stage B group, at whatever step it is, when they get there), so the catch-up is
+  smaller (``OVERLAP_CATCH_UP``): it only saves the Stage B forwards of jobs a few steps behind, and
+  while it holds the head at the boundary, the jobs waiting there are not stepped beside the
+  catching-up ones. Groups of one network never run at once.
 - **Deadline** = before the job's first step: a queued job, or an admitted job that has not
   stepped, is expired once ``now`` passes its deadline.
 
@@ -145,19 +147,34 @@ def choose_group(active: Sequence[A], max_batch_images: int, catch_up: int = CAT
     return chosen
 
 
+# With overlap the jobs behind keep stepping while the head runs Stage B: a shorter wait pays. Chosen in
+# bench/simulate_scheduling.py (docs/bench_scheduling.md, "Stage overlap").
+OVERLAP_CATCH_UP = 10
+
+
 def choose_groups(
-    active: Sequence[A], max_batch_images: int, catch_up: int = CATCH_UP, overlap: bool = False
+    active: Sequence[A],
+    max_batch_images: int,
+    catch_up: int | None = None,
+    overlap: bool = False,
 ) -> list[list[A]]:
     """The groups to advance in this iteration: ``[choose_group(...)]``, or with ``overlap`` up to
-    two to run at the same time, the head's group first and then the oldest job's group of the
-    other stage (module docstring). Empty when no active job has a step to run."""
-    if not overlap:
-        group = choose_group(active, max_batch_images, catch_up)
-        return [group] if group else []
-    first = choose_group(active, max_batch_images, catch_up=0)
-    if not first:
-        return []
-    others = [job for job in active if job.group is not None and job.stage != first[0].stage]
+    two to run at the same time: that group, then beside it the oldest job's group of the other
+    stage, less the jobs a catch-up holds at the Stage B boundary (module docstring). ``catch_up``:
+    default CATCH_UP, OVERLAP_CATCH_UP with overlap. Empty when no active job has a step to run."""
+    if catch_up is None:
+        catch_up = OVERLAP_CATCH_UP if overlap else CATCH_UP
+    first = choose_group(active, max_batch_images, catch_up)
+    if not overlap or not first:
+        return [first] if first else []
+    steppable = [job for job in active if job.group is not None]
+    head = min(steppable, key=lambda job: job.order)
+    held = head.group if first[0].stage != head.stage else None  # the catch-up is holding it
+    others = [
+        job
+        for job in steppable
+        if job.stage != first[0].stage and not (job.group == held and job.step == 0)
+    ]
     second = choose_group(others, max_batch_images, catch_up=0)
     return [first, second] if second else [first]
 

@@ -187,18 +187,33 @@ def test_merging_at_the_boundary_fills_forwards_and_ends_sooner():
 
 
 def test_with_overlap_a_stage_c_group_runs_beside_the_stage_b_group():
-    head, behind, other = FakeJob("head"), FakeJob("behind"), FakeJob("other", size=512)
-    for order, job in enumerate((head, behind, other)):
+    head, far, other = FakeJob("head"), FakeJob("far"), FakeJob("other", size=512)
+    for order, job in enumerate((head, far, other)):
         job.order = order
-    head.done_steps, behind.done_steps = 20, 15  # head at Stage B step 0, behind in Stage C
-    # no catch-up: the head goes on, and the oldest Stage C job's group runs beside it
-    assert policy.choose_groups([other, behind, head], 4, overlap=True) == [[head], [behind]]
-    assert policy.choose_groups([other, behind, head], 4) == [[behind]]  # catch-up, alone
-    behind.done_steps = 25  # both in Stage B (one network): one group, never two at once
-    assert policy.choose_groups([other, behind, head], 4, overlap=True) == [[head, behind], [other]]
+    head.done_steps, far.done_steps = 20, 5  # head at Stage B step 0, far 15 steps behind
+    # 15 steps x 1 image > OVERLAP_CATCH_UP: the head goes on, far's group runs beside it
+    assert policy.choose_groups([other, far, head], 4, overlap=True) == [[head], [far]]
+    far.done_steps = 25  # both in Stage B (one network): one group, never two at once
+    assert policy.choose_groups([other, far, head], 4, overlap=True) == [[head, far], [other]]
     other.done_steps = 25  # every job in Stage B: the 512 px group waits its turn
-    assert policy.choose_groups([other, behind, head], 4, overlap=True) == [[head, behind]]
+    assert policy.choose_groups([other, far, head], 4, overlap=True) == [[head, far]]
     assert policy.choose_groups([], 4, overlap=True) == []
+
+
+def test_with_overlap_the_catch_up_holds_the_head_but_not_stage_b_jobs_past_the_boundary():
+    head, mid, near = FakeJob("head"), FakeJob("mid"), FakeJob("near")
+    for order, job in enumerate((head, mid, near)):
+        job.order = order
+    head.done_steps, mid.done_steps, near.done_steps = 20, 24, 16  # mid: Stage B step 4
+    # near: 4 steps x 1 waiting image <= OVERLAP_CATCH_UP: it catches up, the head waits at the
+    # boundary; mid, already in Stage B, steps beside the catching-up job
+    assert policy.choose_groups([head, mid, near], 4, overlap=True) == [[near], [mid]]
+    near.done_steps = 8  # 12 steps behind: too far, the head goes on with mid, near beside
+    assert policy.choose_groups([head, mid, near], 4, overlap=True) == [[head, mid], [near]]
+    assert policy.choose_groups([head, mid, near], 4, catch_up=0, overlap=True) == [
+        [head, mid],
+        [near],
+    ]
 
 
 def test_with_overlap_no_job_waits_and_every_job_finishes():

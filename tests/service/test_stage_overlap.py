@@ -15,11 +15,13 @@ from typing import Any
 import numpy as np
 import pytest
 
+from service.scheduling_policy import OVERLAP_CATCH_UP
 from tests.service.conftest import WAIT_S, FaultyPipeline, serve, wait_until
 from tests.service.test_continuous import held_in_first_step, image, post
 
 A = {"prompt": "ahead", "seed": 1, "prior_steps": 1, "decoder_steps": 3}
-B = {"prompt": "behind", "seed": 2, "prior_steps": 4, "decoder_steps": 2}
+# more Stage C steps than OVERLAP_CATCH_UP: A does not wait for B at the Stage B boundary
+B = {"prompt": "behind", "seed": 2, "prior_steps": OVERLAP_CATCH_UP + 1, "decoder_steps": 2}
 
 
 @pytest.fixture

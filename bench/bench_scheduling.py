@@ -1,6 +1,7 @@
 """Static vs continuous batching under open-loop Poisson arrivals, against the served demo model.
 
     python bench/bench_scheduling.py [--requests 500] [--loads 0.3,0.6,0.9] [--out docs/bench_scheduling.md]
+        [--overlap]
 
 1. Capacity: the static mode's saturated throughput with 8 closed-loop clients (same request mix),
    measured while the continuous server is saturated the same way (so under the same sharing).
@@ -150,7 +151,13 @@ def main() -> None:
     parser.add_argument(
         "--cores", default="0,1", help="CPU cores of the static and the continuous server"
     )
+    parser.add_argument(
+        "--overlap", action="store_true", help="the continuous server with CASCADE_STAGE_OVERLAP"
+    )
     args = parser.parse_args()
+    continuous_settings = {**SETTINGS, "CASCADE_BATCHING": "continuous"}
+    if args.overlap:
+        continuous_settings["CASCADE_STAGE_OVERLAP"] = "true"
     loads = [float(x) for x in args.loads.split(",")]
     rng = random.Random(args.seed)
     header = (
@@ -163,9 +170,7 @@ def main() -> None:
     core_static, core_continuous = (int(c) for c in args.cores.split(","))
     with (
         ServerProcess({**SETTINGS, "CASCADE_BATCHING": "static"}, cpus={core_static}) as static,
-        ServerProcess(
-            {**SETTINGS, "CASCADE_BATCHING": "continuous"}, cpus={core_continuous}
-        ) as continuous,
+        ServerProcess(continuous_settings, cpus={core_continuous}) as continuous,
     ):
         servers = {"static": static, "continuous": continuous}
         # Both servers saturated at once, as they will both be busy in the runs below: the
@@ -181,8 +186,9 @@ def main() -> None:
         lines += [
             f"Capacity (8 closed-loop clients each, {args.capacity_requests} requests, both servers "
             f"at once): static {capacity:.2f}, continuous {continuous_capacity:.2f} requests/s; "
-            f"loads below are fractions of the static one. Settings {SETTINGS}; static server on core "
-            f"{core_static}, continuous on core {core_continuous}, run side by side",
+            f"loads below are fractions of the static one. Settings {SETTINGS}"
+            f"{', continuous with CASCADE_STAGE_OVERLAP=true' if args.overlap else ''}; static "
+            f"server on core {core_static}, continuous on core {core_continuous}, run side by side",
             "",
         ]
         print(lines[-2], flush=True)

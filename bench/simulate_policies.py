@@ -19,76 +19,38 @@ import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.simulate_scheduling import Job, arrivals, summary
+from bench.simulate_scheduling import Costs, Job, arrivals, continuous, static, summary
 from service import scheduling_policy as policy
 
 STAGE_C = {1: 0.0200, 2: 0.0214, 3: 0.0342, 4: 0.0360}
 STAGE_B = {1: 0.0186, 2: 0.0263, 3: 0.0349, 4: 0.0430}
-OVERHEAD = {"static": 0.0035, "continuous": 0.0015}
-TEXT, HTTP, DECODE_PER_IMAGE = 0.006, 0.03, 0.008
 
-Choose = Callable[[list[Job], int, float], list[Job]]
+Choose = Callable[[list[Job], int, float], list[Job]]  # (active, max_batch, now) -> one group
 
 
-def forward(stage: str, images: int, size: int) -> float:
-    table = STAGE_C if stage == "prior" else STAGE_B
-    cost = table[min(images, 4)] + 0.008 * max(0, images - 4)
-    return cost * (1.5 if size == 192 else 1.0)
+class MeasuredCosts(Costs):
+    """The Xeon's step table, the servers' per-step overheads, text, Stage A and HTTP time."""
+
+    text, http = 0.006, 0.03
+    step_overhead: ClassVar[dict[str, float]] = {"static": 0.0035, "continuous": 0.0015}
+
+    def __init__(self) -> None:
+        super().__init__(0.0, 0.0)
+
+    def forward(self, images: int, stage: str = "prior", size: int = 128) -> float:
+        table = STAGE_C if stage == "prior" else STAGE_B
+        cost = table[min(images, 4)] + 0.008 * max(0, images - 4)
+        return cost * (1.5 if size == 192 else 1.0)
+
+    def decode(self, images: int) -> float:
+        return 0.008 * images
 
 
-def static(jobs: list[Job], max_batch: int = 4) -> None:
-    t, queue, i, done = 0.0, [], 0, 0
-    while done < len(jobs):
-        while i < len(jobs) and jobs[i].arrived <= t:
-            queue.append(jobs[i])
-            i += 1
-        if not queue:
-            t = jobs[i].arrived
-            continue
-        batch = [queue.pop(0)]
-        for job in list(queue):
-            if len(batch) < max_batch and job.key == batch[0].key:
-                batch.append(job)
-                queue.remove(job)
-        n, size, step = len(batch), batch[0].size, OVERHEAD["static"]
-        t += TEXT + DECODE_PER_IMAGE * n
-        t += batch[0].prior * (forward("prior", n, size) + step)
-        t += batch[0].decoder * (forward("decoder", n, size) + step)
-        for job in batch:
-            job.end = t + HTTP
-        done += n
-
-
-def continuous(jobs: list[Job], choose: Choose, max_batch: int = 4, max_active: int = 16) -> None:
-    t, queue, active, i, done, order = 0.0, [], [], 0, 0, 0
-    while done < len(jobs):
-        while i < len(jobs) and jobs[i].arrived <= t:
-            queue.append(jobs[i])
-            i += 1
-        finished = [j for j in active if j.group is None]
-        if finished:
-            t += DECODE_PER_IMAGE * len(finished)
-            for job in finished:
-                job.end = t + HTTP
-                active.remove(job)
-            done += len(finished)
-        admitted = policy.admit(queue, len(active), max_active)
-        for job in admitted:
-            queue.remove(job)
-            job.order, order = order, order + 1
-            active.append(job)
-        if admitted:
-            t += TEXT
-        group = choose(active, max_batch, t)
-        if group:
-            t += forward(group[0].stage, len(group), group[0].size) + OVERHEAD["continuous"]
-            for job in group:
-                job.done_steps += 1
-        elif not active and i < len(jobs):
-            t = max(t, jobs[i].arrived)
+COSTS = MeasuredCosts()
 
 
 def _groups(active: list[Job], max_batch: int) -> list[list[Job]]:
@@ -111,7 +73,7 @@ def shortest_remaining(power: float, age: float = 0.0) -> Choose:
     def choose(active: list[Job], max_batch: int, now: float) -> list[Job]:
         def score(group: list[Job]) -> float:
             value = sum(1 / _left(j) ** power + age * (now - j.arrived) for j in group)
-            return value / forward(group[0].stage, len(group), group[0].size)
+            return value / COSTS.forward(len(group), group[0].stage, group[0].size)
 
         return max(_groups(active, max_batch), key=score, default=[])
 
@@ -123,10 +85,15 @@ def least_delay(active: list[Job], max_batch: int, now: float) -> list[Job]:
     waiting = sum(1 for j in active if j.group is not None)
 
     def delay(group: list[Job]) -> float:
-        cost = forward(group[0].stage, len(group), group[0].size)
+        cost = COSTS.forward(len(group), group[0].stage, group[0].size)
         return (waiting - len(group)) * cost / len(group)
 
     return min(_groups(active, max_batch), key=delay, default=[])
+
+
+def one(choose: Choose) -> Callable[[list[Job], int, float], list[list[Job]]]:
+    """A one-group choice as simulate_scheduling.continuous takes choices (a list of groups)."""
+    return lambda active, max_batch, now: [g] if (g := choose(active, max_batch, now)) else []
 
 
 POLICIES: dict[str, Choose] = {
@@ -150,7 +117,7 @@ def main() -> None:
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     saturated = arrivals(400, 1e6, 1)
-    static(saturated)
+    static(saturated, COSTS)
     capacity = len(saturated) / max(j.end for j in saturated)
     print(f"static capacity {capacity:.2f} requests/s\n")
     print("| load | policy | mean / static | p99 / static |")
@@ -165,9 +132,9 @@ def main() -> None:
                 results.append(summary(jobs))
             return statistics.fmean(r[0] for r in results), statistics.fmean(r[1] for r in results)
 
-        base = mean_p99(static)
+        base = mean_p99(lambda jobs: static(jobs, COSTS))
         for name, choose in POLICIES.items():
-            mean, p99 = mean_p99(lambda jobs, c=choose: continuous(jobs, c))
+            mean, p99 = mean_p99(lambda jobs, c=choose: continuous(jobs, COSTS, 0, choose=one(c)))
             print(
                 f"| {load:.0%} | {name} | {mean / base[0]:.2f} | {p99 / base[1]:.2f} |", flush=True
             )

@@ -20,7 +20,9 @@ import argparse
 import random
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -65,17 +67,24 @@ def arrivals(n: int, rate: float, seed: int) -> list[Job]:
 
 
 class Costs:
+    """What the simulated server spends: a forward ``fixed + per_image x images`` whatever its stage
+    and size, Stage A, text; subclasses (bench/simulate_policies.py) add per-step overheads and HTTP."""
+
+    text = 0.007
+    http = 0.0  # added to every answer
+    step_overhead: ClassVar[dict[str, float]] = {"static": 0.0, "continuous": 0.0}  # per step
+
     def __init__(self, fixed: float, per_image: float) -> None:
         self.fixed, self.per_image = fixed, per_image
 
-    def forward(self, images: int) -> float:
+    def forward(self, images: int, stage: str = "prior", size: int = 128) -> float:
         return self.fixed + self.per_image * images
 
-    @staticmethod
-    def decode(images: int) -> float:
+    def decode(self, images: int) -> float:
         return 0.02 + 0.015 * images
 
-    text = 0.007
+
+Choose = Callable[[list[Job], int, float], list[list[Job]]]  # (active, max_batch, now) -> groups
 
 
 def static(jobs: list[Job], costs: Costs, max_batch: int = 4) -> None:
@@ -92,11 +101,13 @@ def static(jobs: list[Job], costs: Costs, max_batch: int = 4) -> None:
             if len(batch) < max_batch and job.key == batch[0].key:
                 batch.append(job)
                 queue.remove(job)
-        steps = batch[0].prior + batch[0].decoder
-        t += costs.text + steps * costs.forward(len(batch)) + costs.decode(len(batch))
+        n, size, step = len(batch), batch[0].size, costs.step_overhead["static"]
+        t += costs.text + costs.decode(n)
+        t += batch[0].prior * (costs.forward(n, "prior", size) + step)
+        t += batch[0].decoder * (costs.forward(n, "decoder", size) + step)
         for job in batch:
-            job.end = t
-        done += len(batch)
+            job.end = t + costs.http
+        done += n
 
 
 def continuous(
@@ -105,8 +116,15 @@ def continuous(
     catch_up: int,
     max_batch: int = 4,
     overlap_cost: float | None = None,
+    choose: Choose | None = None,
 ) -> None:
-    """``overlap_cost``: stage overlap on, two forwards at once cost that x the longer one."""
+    """``overlap_cost``: stage overlap on, two forwards at once cost that x the longer one.
+    ``choose``: another group choice than service/scheduling_policy.py's (``catch_up`` unused)."""
+    if choose is None:
+
+        def choose(active: list[Job], max_batch: int, now: float) -> list[list[Job]]:
+            return policy.choose_groups(active, max_batch, catch_up, overlap_cost is not None)
+
     t, queue, active, i, done, order = 0.0, [], [], 0, 0, 0
     while done < len(jobs):
         while i < len(jobs) and jobs[i].arrived <= t:
@@ -116,7 +134,7 @@ def continuous(
         if finished:
             t += costs.decode(len(finished))
             for job in finished:
-                job.end = t
+                job.end = t + costs.http
                 active.remove(job)
             done += len(finished)
         admitted = policy.admit(queue, len(active), 16)
@@ -126,10 +144,11 @@ def continuous(
             active.append(job)
         if admitted:
             t += costs.text
-        groups = policy.choose_groups(active, max_batch, catch_up, overlap_cost is not None)
+        groups = choose(active, max_batch, t)
         if groups:
-            longest = max(costs.forward(len(group)) for group in groups)
+            longest = max(costs.forward(len(g), g[0].stage, g[0].size) for g in groups)
             t += longest * (overlap_cost if len(groups) == 2 and overlap_cost else 1.0)
+            t += costs.step_overhead["continuous"]
             for job in (job for group in groups for job in group):
                 job.done_steps += 1
         elif not active and i < len(jobs):

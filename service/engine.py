@@ -166,15 +166,13 @@ def own_stream(device: torch.device) -> Callable[[], None]:
 
 
 class Engine:
-    """The loaded pipeline plus its compute thread; ``decoder_thread``: a second one for Stage B
-    steps (stage overlap), None to run everything on ``thread``."""
+    """The loaded pipeline plus its compute thread (and, after ``start_overlap``, a second one for
+    Stage B steps)."""
 
-    def __init__(
-        self, pipeline: Pipeline, thread: ComputeThread, decoder_thread: ComputeThread | None = None
-    ) -> None:
+    def __init__(self, pipeline: Pipeline, thread: ComputeThread) -> None:
         self.pipeline = pipeline
         self._thread = thread
-        self._decoder_thread = decoder_thread
+        self._decoder_thread: ComputeThread | None = None
 
     async def start_overlap(self) -> ComputeThread:
         """Run Stage B steps on a second compute thread from now on (stage overlap), each thread
